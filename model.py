@@ -138,8 +138,11 @@ class Attention(nn.Module):
             ck, cv = cache.k[self.layer], cache.v[self.layer]  # (B, n_kv, max_len, hd)
             ck.index_copy_(2, slots, k[:, :, :n_cached])
             cv.index_copy_(2, slots, v[:, :, :n_cached])
-            k = torch.cat([ck[:, :, :kv_len], k[:, :, n_cached:]], dim=2)
-            v = torch.cat([cv[:, :, :kv_len], v[:, :, n_cached:]], dim=2)
+            if n_cached == T:  # nothing ephemeral: read the cache in place, no copy
+                k, v = ck[:, :, :kv_len], cv[:, :, :kv_len]
+            else:
+                k = torch.cat([ck[:, :, :kv_len], k[:, :, n_cached:]], dim=2)
+                v = torch.cat([cv[:, :, :kv_len], v[:, :, n_cached:]], dim=2)
         # k, v: (B, n_kv, S, hd); each kv head serves n_heads / n_kv query heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1),
                                            enable_gqa=self.n_kv != self.n_heads)

@@ -1,0 +1,173 @@
+"""Hidden Transfer generation: draft, verify and accept in one forward pass per step, losslessly.
+
+METHOD.md, "One decoding step": the drafts of the last accepted token fill a token tree; one pass
+verifies every node (ancestor mask) and, through pseudo tokens, drafts the next step; the
+acceptance walk keeps exactly the tokens the model alone would emit; the KV cache keeps only the
+accepted path. The drafter is pluggable (transfer.py's HiddenTransfer, medusa.py's Medusa): only
+how drafts are made differs. Read generate.py first (plain decoding, the sampler), then this.
+
+    python decode.py --prompt "Write a haiku about autumn." --check
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+
+from generate import (Generation, Sampler, add_common_args, check_common_args, describe_machine,
+                      generate, load, sync)
+from model import KVCache
+from tree import Tree, chain
+
+DEFAULT_CHECKPOINT = "checkpoints/transfer.pt"
+
+
+def accept(children, node_tokens, choose, budget: int, stop_ids=()):
+    """The acceptance walk (METHOD.md step 3), a pure function a student can test alone.
+
+    children[v]: the child nodes of node v; node_tokens[v]: the token node v carries;
+    choose(v): the target model's choice at v (argmax, or ONE draw from its distribution).
+    From the root, while a child of v carries the target's choice, accept that child and go on;
+    the first choice no child carries is emitted too (the bonus token) and ends the walk.
+    Returns (path: accepted node indices from the root 0, emitted: tokens in order). Also stops
+    as soon as a stop token or the `budget`-th token is emitted, exactly where plain decoding would.
+    """
+    v, path, emitted = 0, [0], []
+    while True:
+        y = choose(v)
+        emitted.append(y)
+        if y in stop_ids or len(emitted) == budget:
+            return path, emitted
+        child = next((c for c in children[v] if node_tokens[c] == y), None)
+        if child is None:
+            return path, emitted
+        v = child
+        path.append(v)
+
+
+@torch.no_grad()
+def generate_tree(model, drafter, prompt: list, tree: Tree, max_new_tokens: int, sampler: Sampler,
+                  stop_ids=(), on_token=None, on_step=None) -> Generation:
+    """Generate with a drafter and a token tree. Same output as generate.generate, fewer passes.
+
+    on_step(cache, n), if given, is called after every step with the cache and the number of
+    accepted tokens it holds (the tests check the cache against a fresh prefill there).
+    """
+    if tree.depth > drafter.k:
+        raise ValueError(f"the tree is {tree.depth} deep but the drafter drafts only {drafter.k} tokens")
+    dev = model.output.weight.device
+    n = len(prompt)
+    cache = KVCache(model.args, 1, n + max_new_tokens + tree.size, dev, model.output.weight.dtype)
+    out = Generation()
+    t0 = time.perf_counter()
+
+    # Prefill: the prompt is a chain (causal mask) whose last token alone gets pseudo tokens.
+    causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+    hidden, states = drafter.tree_pass(model, torch.tensor([prompt], device=dev),
+                                       torch.arange(n, device=dev), causal, 0, cache,
+                                       nodes=torch.tensor([n - 1], device=dev))
+    root = sampler(model.head(hidden[-1]))
+    out.tokens.append(root)
+    if on_token:
+        on_token([root])
+    drafts = drafter.draft_logits(model, states[0])  # (k, V): q_1..q_k, for positions n+1..n+k
+    sync(dev)
+    t1 = time.perf_counter()
+    out.prefill_s = t1 - t0
+    done = root in stop_ids or max_new_tokens == 1
+    top_r = int(tree.ranks.max()) + 1            # how many ranked drafts per offset the tree uses
+    depths, tree_mask = tree.depths.to(dev), tree.mask.to(dev)
+
+    while not done:
+        # 1. The tree: the root is the token just emitted, at position n; the rest come from drafts.
+        top = drafts.topk(top_r, dim=-1).indices                       # (k, top_r)
+        tokens = tree.tokens(root, top)                                # (N,)
+        # 2. One pass verifies every node and drafts from every node's pseudo tokens.
+        hidden, states = drafter.tree_pass(model, tokens[None], n + depths, tree_mask, n, cache)
+        logits = model.head(hidden)                                    # (N, V)
+        # 3. Accept.
+        path, emitted = accept(tree.children, tokens.tolist(), lambda v: sampler(logits[v]),
+                               max_new_tokens - len(out.tokens), stop_ids)
+        out.tokens += emitted
+        out.accepted.append(len(path) - 1)
+        if on_token:
+            on_token(emitted)
+        done = emitted[-1] in stop_ids or len(out.tokens) >= max_new_tokens
+        # 4. Keep the accepted path's K/V, moved to contiguous slots n..n+depth.
+        path_t = torch.tensor(path, device=dev)
+        cache.move(n + path_t, n + torch.arange(len(path), device=dev))
+        n += len(path)
+        root = emitted[-1]
+        if on_step:
+            on_step(cache, n)
+        # 5. The next drafts: the pseudo tokens of the last accepted node.
+        if not done:
+            drafts = drafter.draft_logits(model, states[path[-1]])
+    sync(dev)
+    out.decode_s = time.perf_counter() - t1
+    return out
+
+
+# ----------------------------------------------------------------------------- command line
+
+def load_drafter(model, path, transfer_layer=None, k=3):
+    """(drafter, tree) from a checkpoint, or an untrained identity transfer if there is none."""
+    import os
+    from transfer import HiddenTransfer, load_checkpoint
+    if path and os.path.exists(path):
+        drafter, ckpt = load_checkpoint(path, model)
+        tree = Tree([tuple(p) for p in ckpt["tree"]], k=drafter.k) if ckpt.get("tree") else chain(drafter.k)
+        return drafter, tree, f"drafter: {path}"
+    layer = transfer_layer or model.args.n_layers // 2
+    w = model.output.weight
+    drafter = HiddenTransfer(model.args.dim, k, layer).to(device=w.device, dtype=w.dtype)
+    return drafter, chain(k), (f"no checkpoint at {path}: using the UNTRAINED identity projection "
+                               f"(t={layer}, k={k}); output stays lossless, but expect little speedup. "
+                               "Train one with: python train.py")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--transfer", default=DEFAULT_CHECKPOINT,
+                        help="drafter checkpoint from train.py (Hidden Transfer or Medusa)")
+    parser.add_argument("--tree", default=None,
+                        help="tree paths, e.g. '0;1;0,0' (ranks separated by ',', paths by ';'), or "
+                             "'chain' (default: the tree stored in the checkpoint, else a chain)")
+    parser.add_argument("--check", action="store_true",
+                        help="also run plain decoding and report whether the outputs are identical")
+    args = parser.parse_args(argv)
+    check_common_args(args)
+    model, tok = load(args)
+    drafter, tree, note = load_drafter(model, args.transfer)
+    print(note, file=sys.stderr)
+    if args.tree:
+        try:
+            tree = chain(drafter.k) if args.tree == "chain" else Tree.parse(args.tree, k=drafter.k)
+        except ValueError as e:
+            sys.exit(f"error: --tree: {e}")
+    prompt, _ = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    stream = tok.stream()
+    show = lambda ids: print(stream.push([i for i in ids if i not in tok.stop_ids]), end="", flush=True)
+    out = generate_tree(model, drafter, prompt, tree, args.max_new_tokens,
+                        Sampler(args.temperature, args.top_p, args.seed), tok.stop_ids, on_token=show)
+    print(f"\n\nHidden Transfer: {len(out.tokens)} tokens, tau {out.tau:.2f}, "
+          f"{out.tokens_per_s:.1f} tokens/s, tree of {tree.size} nodes "
+          f"({describe_machine(args.device)}, {args.dtype})")
+    if args.check:
+        ref = generate(model, prompt, args.max_new_tokens, Sampler(args.temperature, args.top_p, args.seed),
+                       tok.stop_ids)
+        same = ref.tokens == out.tokens
+        print(f"plain decoding:  {len(ref.tokens)} tokens, {ref.tokens_per_s:.1f} tokens/s; "
+              f"speedup {out.tokens_per_s / ref.tokens_per_s:.2f}x; outputs identical: {same}")
+        if not same:
+            first = next(i for i, (a, b) in enumerate(zip(out.tokens + [-1], ref.tokens + [-1])) if a != b)
+            print(f"first difference at token {first}", file=sys.stderr)
+            sys.exit(1)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Losslessness is the product: Hidden Transfer must emit exactly what plain decoding emits.
+
+Tiny random models (fp32), random projections, several transfer layers and tree shapes; an
+"oracle" drafter that is right most of the time, so that deep acceptance, sibling acceptance,
+cache compaction and stops inside a step are all exercised.
+"""
+
+import random
+
+import pytest
+import torch
+
+from decode import accept, generate_tree
+from generate import Sampler, generate
+from model import KVCache, ModelArgs, Transformer, causal_mask
+from transfer import HiddenTransfer
+from tree import Tree, chain
+
+TREES = {
+    "root only": Tree([]),
+    "chain-1": chain(1),
+    "chain-3": chain(3),
+    "wide": Tree([(0,), (1,), (2,), (3,), (0, 0), (1, 0)], k=3),
+    "deep": Tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 1, 0), (0, 0, 1)], k=3),
+}
+
+
+def tiny(seed, **kw):
+    args = ModelArgs.tiny(**kw)
+    return Transformer(args).init_random(seed, std=0.15).eval()
+
+
+def random_transfer(model, layer, k=3, seed=0):
+    ht = HiddenTransfer(model.args.dim, k, layer)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        ht.proj.weight.add_(0.3 * torch.randn(ht.proj.weight.shape, generator=g))
+        ht.proj.bias.normal_(0, 0.1, generator=g)
+    return ht
+
+
+class Oracle(HiddenTransfer):
+    """A real pseudo-token pass whose drafts are then replaced by the known right answer, placed at
+    rank 0 (60%), rank 1 (25%) or nowhere near the top (15%). Only decoding logic is under test."""
+
+    def __init__(self, model, reference, layer=2, k=3, seed=0):
+        super().__init__(model.args.dim, k, layer)
+        self.ref, self.rng, self.V = reference, random.Random(seed), model.args.vocab_size
+
+    def tree_pass(self, model, tokens, pos, tree_mask, n, cache, nodes=None):
+        hidden, _ = super().tree_pass(model, tokens, pos, tree_mask, n, cache, nodes)
+        nodes = torch.arange(tokens.shape[1]) if nodes is None else nodes
+        return hidden, pos[nodes]  # the "state" of a node is just its position
+
+    def draft_logits(self, model, pos):
+        logits = torch.randn(self.k, self.V)
+        for i in range(self.k):
+            target = int(pos) + i + 2  # pseudo (p, i+1) predicts position p + i + 2
+            if target < len(self.ref):
+                u, top = self.rng.random(), logits[i].topk(3).indices
+                if u < 0.6:
+                    logits[i, self.ref[target]] = 100.0
+                elif u < 0.85:
+                    logits[i, self.ref[target]] = 50.0
+                    logits[i, top[0] if top[0] != self.ref[target] else top[1]] = 100.0
+                else:
+                    logits[i, self.ref[target]] = -100.0
+        return logits
+
+
+def check_cache(model, prompt, emitted):
+    """on_step hook: the cache's accepted prefix equals a fresh prefill of what was emitted."""
+    def hook(cache, n):
+        seq = (prompt + emitted)[:n]
+        fresh = KVCache(model.args, 1, n)
+        model(torch.tensor([seq]), torch.arange(n), causal_mask(n), torch.arange(n), fresh)
+        torch.testing.assert_close(cache.k[:, :, :, :n], fresh.k, rtol=0, atol=1e-5)
+        torch.testing.assert_close(cache.v[:, :, :, :n], fresh.v, rtol=0, atol=1e-5)
+    return hook
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("tree_name", list(TREES))
+def test_greedy_equals_plain_with_random_projection(seed, tree_name):
+    kv = [None, 2, 1][seed]  # plain multi-head, grouped-query, multi-query
+    model = tiny(seed, n_kv_heads=kv, tie_embeddings=seed != 1, n_layers=3 + seed)
+    prompt = torch.randint(0, model.args.vocab_size, (7,), generator=torch.Generator().manual_seed(seed)).tolist()
+    ref = generate(model, prompt, 30, Sampler())
+    for layer in range(1, model.args.n_layers):
+        out = generate_tree(model, random_transfer(model, layer, seed=seed), prompt, TREES[tree_name],
+                            30, Sampler())
+        assert out.tokens == ref.tokens, f"transfer layer {layer}"
+
+
+@pytest.mark.parametrize("tree_name", ["chain-3", "wide", "deep"])
+@pytest.mark.parametrize("max_new", [1, 2, 13, 29])
+def test_oracle_drafts_greedy_lossless_and_cache_exact(tree_name, max_new):
+    model = tiny(3)
+    prompt = [4, 8, 15, 16, 23, 42]
+    ref = generate(model, prompt, max_new, Sampler())
+    oracle = Oracle(model, prompt + ref.tokens)
+    emitted = []
+    out = generate_tree(model, oracle, prompt, TREES[tree_name], max_new, Sampler(),
+                        on_token=emitted.extend, on_step=check_cache(model, prompt, emitted))
+    assert out.tokens == ref.tokens and len(out.tokens) == max_new
+    if max_new > 10:
+        assert out.tau > 1.5, "the oracle should get several tokens accepted per step"
+        assert len(out.tokens) == 1 + sum(a + 1 for a in out.accepted[:-1]) + min(out.accepted[-1] + 1, max_new)
+
+
+@pytest.mark.parametrize("tree_name", ["chain-3", "deep"])
+def test_stops_at_eos_inside_a_step(tree_name):
+    model = tiny(4)
+    prompt = [1, 2, 3]
+    full = generate(model, prompt, 40, Sampler()).tokens
+    for cut in [3, 7, 12]:  # declare the token at `cut` a stop token: generation must end right there
+        stop = {full[cut]} - set(full[:cut])
+        if not stop:
+            continue
+        ref = generate(model, prompt, 40, Sampler(), stop_ids=stop)
+        out = generate_tree(model, Oracle(model, prompt + full), prompt, TREES[tree_name], 40, Sampler(),
+                            stop_ids=stop)
+        assert out.tokens == ref.tokens == full[:cut + 1]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 0.9), (1.0, 1.0), (0.7, 1.0), (1.0, 0.9)])
+@pytest.mark.parametrize("tree_name", ["chain-3", "deep"])
+def test_seeded_sampling_emits_the_same_tokens(temperature, top_p, tree_name):
+    model = tiny(5, vocab_size=16)  # small vocab: drafts are often right, so acceptance is exercised
+    prompt = [3, 1, 4, 1, 5]
+    accepted = 0
+    for seed in range(4):
+        ref = generate(model, prompt, 25, Sampler(temperature, top_p, seed))
+        out = generate_tree(model, random_transfer(model, 2, seed=seed), prompt, TREES[tree_name], 25,
+                            Sampler(temperature, top_p, seed))
+        assert out.tokens == ref.tokens, f"seed {seed}"
+        accepted += sum(out.accepted)
+    assert accepted > 0
+
+
+def test_sampling_distribution_matches_the_model():
+    """Independent of a shared generator: over many seeds, the 2nd and 3rd sampled tokens (the 3rd
+    often an accepted draft) follow the model's exact distribution (chi-square test)."""
+    model, V = tiny(6, vocab_size=6, n_layers=2, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=64), 6
+    prompt = [1, 2, 3]
+    with torch.no_grad():
+        def next_probs(prefixes):  # (B, T) -> (B, V): the model's next-token distribution
+            x = torch.tensor(prefixes)
+            return torch.softmax(model(x, torch.arange(x.shape[1]), causal_mask(x.shape[1]))[:, -1], -1)
+        p1 = next_probs([prompt])[0]                                                     # (V,)
+        p2 = next_probs([prompt + [a] for a in range(V)])                                # (V, V)
+        p3 = next_probs([prompt + [a, b] for a in range(V) for b in range(V)]).view(V, V, V)
+    expected = (p1[:, None, None] * p2[:, :, None] * p3).sum(0).flatten()  # P(x2, x3), (V*V,)
+    counts, trials, accepted = torch.zeros(V * V), 1500, 0
+    drafter = random_transfer(model, 1)
+    for seed in range(trials):
+        out = generate_tree(model, drafter, prompt, TREES["wide"], 3, Sampler(1.0, 1.0, seed + 10**6))
+        counts[out.tokens[1] * V + out.tokens[2]] += 1
+        accepted += out.accepted[0]
+    assert accepted > trials // 4, "the test must exercise accepted drafts"
+    e = expected * trials
+    keep = e > 5
+    chi2 = float((((counts - e) ** 2) / e)[keep].sum())
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5, f"chi2 {chi2:.1f} with {dof} degrees of freedom"
+
+
+def test_real_tokens_never_see_pseudo_tokens():
+    model = tiny(7)
+    tree = TREES["deep"]
+    n, prompt = 5, torch.tensor([[9, 8, 7, 6, 5]])
+    tokens = torch.randint(0, model.args.vocab_size, (1, tree.size))
+    outs = []
+    for seed in (0, 1):
+        cache = KVCache(model.args, 1, 32)
+        model(prompt, torch.arange(n), causal_mask(n), torch.arange(n), cache)
+        hidden, states = random_transfer(model, 2, seed=seed).tree_pass(
+            model, tokens, n + tree.depths, tree.mask, n, cache)
+        outs.append((model.head(hidden), states))
+    assert torch.equal(outs[0][0], outs[1][0]), "a real token's logits depend on the projection"
+    assert not torch.allclose(outs[0][1], outs[1][1]), "the pseudo tokens should depend on it"
+
+
+def test_tree_pass_real_logits_equal_plain_forward():
+    """Each tree node's logits equal a plain forward over its own root-to-node path."""
+    model = tiny(8)
+    tree, n = TREES["deep"], 4
+    ctx = [3, 5, 7, 9]
+    tokens = torch.randint(0, model.args.vocab_size, (1, tree.size), generator=torch.Generator().manual_seed(0))
+    cache = KVCache(model.args, 1, 32)
+    model(torch.tensor([ctx]), torch.arange(n), causal_mask(n), torch.arange(n), cache)
+    hidden, _ = random_transfer(model, 1).tree_pass(model, tokens, n + tree.depths, tree.mask, n, cache)
+    logits = model.head(hidden)
+    for i in range(tree.size):
+        seq = ctx + tokens[0, tree.path_to(i)].tolist()
+        full = model(torch.tensor([seq]), torch.arange(len(seq)), causal_mask(len(seq)))[0, -1]
+        torch.testing.assert_close(logits[i], full, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the acceptance walk alone
+
+def test_accept_walk():
+    #        0 (root)
+    #       / \
+    #   1:'a'  2:'b'
+    #    |
+    #   3:'c'
+    children, tokens = [[1, 2], [3], [], []], [None, "a", "b", "c"]
+    choices = {0: "b", 2: "z"}
+    assert accept(children, tokens, choices.get, budget=10) == ([0, 2], ["b", "z"])
+    choices = {0: "a", 1: "c", 3: "d"}
+    assert accept(children, tokens, choices.get, budget=10) == ([0, 1, 3], ["a", "c", "d"])
+    assert accept(children, tokens, choices.get, budget=2) == ([0, 1], ["a", "c"])    # budget ends it
+    assert accept(children, tokens, choices.get, budget=10, stop_ids={"a"}) == ([0], ["a"])  # stop token
+    assert accept(children, tokens, {0: "q"}.get, budget=10) == ([0], ["q"])         # nothing accepted
+
+
+def test_accept_draws_once_per_emitted_token():
+    calls = []
+    children, tokens = [[1], [2], []], [None, 5, 6]
+    choose = lambda v: calls.append(v) or [5, 6, 7][v]
+    path, emitted = accept(children, tokens, choose, budget=10)
+    assert calls == [0, 1, 2] and emitted == [5, 6, 7] and path == [0, 1, 2]

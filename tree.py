@@ -1,0 +1,301 @@
+"""Token trees for one Hidden Transfer step: shapes, buffers, masks, and a data-driven builder.
+
+A tree is a prefix-closed list of rank paths (METHOD.md, "One decoding step"); from it come the
+tokens, RoPE positions, cache slots and masks of one verification pass, including the mask of the
+pseudo tokens in the layers after the transfer layer (METHOD.md, "Attention rules"). Pure tensor
+code, no model. Run `python tree.py` to see a tree and its mask. Read next: decode.py.
+"""
+
+import argparse
+import heapq
+import operator
+
+import torch
+
+
+class Tree:
+    """A tree shape, and the index buffers that one decoding step needs.
+
+    Nodes are sorted by (depth, path), so parents come before children. Example, paths
+    [(0,), (1,), (0, 0), (0, 1), (1, 0)]: the root r is the decided token, (1,) is q_1's
+    second-ranked token, (0, 1) is q_2's second-ranked token below q_1's first:
+
+        [0] r                 ancestor mask     0 1 2 3 4 5
+         +- [1] rank 0                      0   1 . . . . .
+         |   +- [3] rank 0                  1   1 1 . . . .
+         |   +- [4] rank 1                  2   1 . 1 . . .
+         +- [2] rank 1                      3   1 1 . 1 . .
+             +- [5] rank 0                  4   1 1 . . 1 .
+                                            5   1 . 1 . . 1
+
+    Position ids versus cache slots, with n accepted tokens in the cache:
+
+        node      0    1    2    3    4    5
+        position  n    n+1  n+1  n+2  n+2  n+2    (n + depth: one depth, one position)
+        slot      n    n+1  n+2  n+3  n+4  n+5    (n + index: every node needs its own K/V)
+    """
+
+    def __init__(self, paths, k: int | None = None, top_r: int | None = None):
+        clean = [_as_path(p) for p in paths]
+        seen = set()
+        for p in clean:
+            if p in seen:
+                raise ValueError(f"tree path {p} appears twice; list each node once")
+            seen.add(p)
+        for p in clean:
+            if p[:-1] and p[:-1] not in seen:
+                raise ValueError(f"tree path {p} has no parent {p[:-1]}; paths must be prefix-closed")
+            if k is not None and len(p) > k:
+                raise ValueError(f"tree path {p} has depth {len(p)} but the drafts reach only k={k} offsets")
+            if top_r is not None and max(p) >= top_r:
+                raise ValueError(f"tree path {p} uses rank {max(p)} but the drafts keep only top_r={top_r}")
+
+        self.paths = [()] + sorted(clean, key=lambda p: (len(p), p))
+        self.size = len(self.paths)                                  # N, the root included
+        self.depth = max(len(p) for p in self.paths)                 # D
+        self.k = k                                                   # draft offsets, if known
+        # ranks the drafts must supply: as given, else the fewest this tree reads (max rank + 1)
+        self.top_r = top_r if top_r is not None else 1 + max((max(p) for p in clean), default=0)
+        index = {p: i for i, p in enumerate(self.paths)}
+        self.parents = torch.tensor([index[p[:-1]] if p else -1 for p in self.paths])  # (N,)
+        self.depths = torch.tensor([len(p) for p in self.paths])                       # (N,)
+        self.ranks = torch.tensor([p[-1] if p else 0 for p in self.paths])             # (N,)
+        # sorted order puts siblings in rank order, so appending keeps children in rank order
+        self.children = [[] for _ in self.paths]
+        for i, p in enumerate(self.paths[1:], start=1):
+            self.children[index[p[:-1]]].append(i)
+
+        # mask[i, j]: node i may attend to node j, i.e. j is i itself or one of its ancestors
+        self.mask = torch.zeros(self.size, self.size, dtype=torch.bool)  # (N, N)
+        for i in range(self.size):
+            self.mask[i, self.path_to(i)] = True
+
+        # one row per leaf, root..leaf, so acceptance can read the accepted path off a row
+        leaves = [i for i in range(self.size) if not self.children[i]]
+        self.retrieve = torch.full((len(leaves), self.depth + 1), -1)  # (L, D+1)
+        for row, leaf in enumerate(leaves):
+            path = self.path_to(leaf)
+            self.retrieve[row, :len(path)] = torch.tensor(path)
+
+    @classmethod
+    def parse(cls, text: str, k: int | None = None, top_r: int | None = None) -> "Tree":
+        """Tree.parse('0;0,0;1') == Tree([(0,), (0, 0), (1,)]): ranks split by ',', paths by ';'."""
+        try:
+            paths = [tuple(int(r) for r in p.split(",")) for p in text.split(";") if p.strip()]
+        except ValueError:
+            raise ValueError(f"tree {text!r} must look like '0;0,0;1' (paths split by ';', ranks by ',')")
+        return cls(paths, k=k, top_r=top_r)
+
+    def path_to(self, i: int) -> list[int]:
+        """Node indices from the root down to node i."""
+        path = []
+        while i != -1:
+            path.append(i)
+            i = int(self.parents[i])
+        return path[::-1]
+
+    def to(self, device):
+        """Move the index buffers (parents, depths, ranks, mask, retrieve) to `device`."""
+        for name in ("parents", "depths", "ranks", "mask", "retrieve"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def tokens(self, root_token, drafts_topr: torch.Tensor) -> torch.Tensor:
+        """Token id of every node (N,): the root's is given, node (.., r_j) takes drafts_topr[j-1, r_j].
+
+        drafts_topr: (k, top_r) token ids, row j-1 the ranked top tokens of q_j.
+        """
+        k, top_r = drafts_topr.shape
+        if k < self.depth or top_r <= int(self.ranks.max()):
+            raise ValueError(f"drafts of shape {(k, top_r)} are too small for a tree of depth "
+                             f"{self.depth} and max rank {int(self.ranks.max())}")
+        depths, ranks = self.depths.to(drafts_topr.device), self.ranks.to(drafts_topr.device)
+        out = drafts_topr[(depths - 1).clamp(min=0), ranks]  # (N,): the root reads a dummy entry
+        out[0] = root_token
+        return out
+
+    def draft_tokens(self, drafts_topr: torch.Tensor) -> torch.Tensor:
+        """Like tokens(), with -1 at the root for the caller to fill in."""
+        return self.tokens(-1, drafts_topr)
+
+    def positions(self, n: int) -> torch.Tensor:
+        """RoPE position ids (N,): n + depth."""
+        return n + self.depths
+
+    def slots(self, n: int) -> torch.Tensor:
+        """Cache slots (N,): n + node index."""
+        return n + torch.arange(self.size, device=self.depths.device)
+
+    def attention_mask(self, n: int) -> torch.Tensor:
+        """(1, N, n + N) bool: every node sees the n cached tokens, its ancestors and itself."""
+        cache = torch.ones(self.size, n, dtype=torch.bool, device=self.mask.device)
+        return torch.cat([cache, self.mask], dim=1).unsqueeze(0)
+
+    def draw(self) -> str:
+        """The tree as indented ASCII, one node per line: [index] and rank."""
+        lines = ["[0] r"]
+
+        def walk(i, indent):
+            kids = self.children[i]
+            for c, child in enumerate(kids):
+                last = c == len(kids) - 1
+                lines.append(f"{indent} +- [{child}] rank {int(self.ranks[child])}")
+                walk(child, indent + ("    " if last else " |  "))
+        walk(0, "")
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return f"Tree(size={self.size}, depth={self.depth}, paths={self.paths[1:]})"
+
+
+def _as_path(p) -> tuple[int, ...]:
+    if isinstance(p, int):
+        raise ValueError(f"tree path {p} is a bare int; write a depth-1 path as ({p},)")
+    try:  # operator.index takes numpy and 0-d tensor integers too, but not floats
+        p = tuple(operator.index(r) for r in p)
+    except TypeError:
+        raise ValueError(f"tree path {tuple(p)} must hold non-negative integer ranks")
+    if not p:
+        raise ValueError("tree path () is the root, which is implicit; leave it out")
+    if min(p) < 0:
+        raise ValueError(f"tree path {p} must hold non-negative integer ranks")
+    return p
+
+
+def chain(k: int) -> Tree:
+    """The simplest tree: the top-1 token of q_1..q_k, one after the other (N = k + 1)."""
+    return Tree([(0,) * j for j in range(1, k + 1)], k=k)
+
+
+def pseudo_mask(tree_mask: torch.Tensor, n: int, k: int, nodes=None) -> torch.Tensor:
+    """Mask of layers t+1..L: (1, N + M*k, n + N + M*k) bool, M = len(nodes) (all N by default).
+
+    Rows and columns: [cache (n) | tree nodes (N) | pseudo tokens, node-major: (a,1)..(a,k), (b,1)..].
+    Columns and rows line up with model.py: the tree nodes live in cache slots n..n+N-1, the pseudo
+    tokens are the ephemeral tail. For a chain r -> a and k = 2 (METHOD.md, "Attention rules"):
+
+        keys ->  cache | r  a | (r,1) (r,2) (a,1) (a,2)
+        r        1...1 | 1  . |   .     .     .     .      real rows never see a pseudo token,
+        a        1...1 | 1  1 |   .     .     .     .      so their logits stay the base model's
+        (r,1)    1...1 | 1  . |   1     .     .     .
+        (r,2)    1...1 | 1  . |   1     1     .     .
+        (a,1)    1...1 | 1  1 |   .     .     1     .      pseudo (a,i) sees what a sees, a,
+        (a,2)    1...1 | 1  1 |   .     .     1     1      and its own pseudo (a,j<=i)
+    `nodes` (tree indices, in the order their pseudo tokens are appended) is the cheaper variant
+    that gives pseudo tokens to only some nodes.
+    """
+    N, dev = tree_mask.shape[0], tree_mask.device
+    nodes = torch.arange(N, device=dev) if nodes is None else torch.as_tensor(nodes, device=dev)
+    P = nodes.numel() * k
+    owner = torch.arange(P, device=dev) // k   # (P,) which entry of `nodes` a pseudo row belongs to
+    offset = torch.arange(P, device=dev) % k   # (P,) its offset i - 1
+    real = torch.cat([tree_mask, torch.zeros(N, P, dtype=torch.bool, device=dev)], 1)  # (N, N+P)
+    # tree_mask[a] already includes a itself (the diagonal), so a row of it is "ancestors of a + a"
+    own = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])     # (P, P)
+    pseudo = torch.cat([tree_mask[nodes].repeat_interleave(k, 0), own], 1)              # (P, N+P)
+    cache = torch.ones(N + P, n, dtype=torch.bool, device=dev)
+    return torch.cat([cache, torch.cat([real, pseudo], 0)], 1).unsqueeze(0)  # (1, N+P, n+N+P)
+
+
+def pseudo_positions(node_positions: torch.Tensor, k: int) -> torch.Tensor:
+    """(M*k,) RoPE positions of the pseudo tokens, node-major: pseudo (a, i) sits at pos(a) + i."""
+    offsets = torch.arange(1, k + 1, device=node_positions.device)
+    return (node_positions[:, None] + offsets).reshape(-1)  # (M, k) -> (M*k,)
+
+
+def _rates(accept) -> torch.Tensor:
+    rates = torch.as_tensor(accept, dtype=torch.float64)
+    if rates.dim() != 2 or not bool(((rates >= 0) & (rates <= 1)).all()):
+        raise ValueError("accept must be a (k, top_r) table of probabilities in [0, 1]")
+    return rates
+
+
+def expected_tau(tree: Tree, accept) -> float:
+    """Expected tokens per step: 1 (the bonus token) + sum over non-root nodes of P(node accepted).
+
+    P(node) is the product of accept[depth-1][rank] along its path: this assumes that whether
+    offset j's rank-r token is right depends only on (j, r), given the path so far was right,
+    independent of which tokens came before. The ranks at one depth are mutually exclusive
+    events (at most one token is the right one), so summing P over siblings is exact.
+    """
+    rates = _rates(accept)
+    if rates.shape[0] < tree.depth or rates.shape[1] <= int(tree.ranks.max()):
+        raise ValueError(f"accept of shape {tuple(rates.shape)} does not cover the tree's depth and ranks")
+    depths, ranks, mask = tree.depths.cpu(), tree.ranks.cpu(), tree.mask.cpu()
+    node_rate = rates[(depths - 1).clamp(min=0), ranks]  # (N,)
+    node_rate[0] = 1.0                                     # the root is decided, not guessed
+    p = torch.where(mask, node_rate[None, :], torch.ones(())).prod(-1)  # (N,) product over the path
+    return 1.0 + float(p[1:].sum())
+
+
+def build_tree(accept, n_nodes: int) -> Tree:
+    """The tree of n_nodes nodes (root included) with the highest expected_tau (Medusa's recipe).
+
+    accept[j-1][r]: measured rate at which q_j's rank-r token is the right one at offset j. Grow
+    greedily from the root, always adding the most probable node whose parent is already in.
+    A child is never more probable than its parent, so this takes the n_nodes - 1 most probable
+    nodes overall: the optimum under expected_tau's assumptions, and prefix-closed by construction.
+    """
+    rates = _rates(accept)
+    k, top_r = rates.shape
+    if n_nodes < 1:
+        raise ValueError(f"n_nodes must be at least 1 (the root), got {n_nodes}")
+    paths, frontier = [], []  # frontier: heap of (-P, depth, path), ties go to shallow, low ranks
+
+    def push_children(path, p):
+        if len(path) < k:
+            for r in range(top_r):
+                heapq.heappush(frontier, (-p * float(rates[len(path), r]), len(path) + 1, path + (r,)))
+
+    push_children((), 1.0)
+    while len(paths) + 1 < n_nodes:
+        if not frontier:
+            raise ValueError(f"n_nodes={n_nodes} exceeds every node a (k={k}, top_r={top_r}) tree can hold")
+        neg_p, _, path = heapq.heappop(frontier)
+        paths.append(path)
+        push_children(path, -neg_p)
+    return Tree(paths, k=k, top_r=top_r)
+
+
+# ----------------------------------------------------------------------------- printing
+
+def draw_mask(mask: torch.Tensor, labels: list[str] | None = None) -> str:
+    """A (R, C) bool mask as a grid of 1 and '.', rows labelled (default: their index)."""
+    labels = labels or [str(i) for i in range(mask.shape[0])]
+    width = max(len(s) for s in labels)
+    head = " " * width + "   " + " ".join(str(j % 10) for j in range(mask.shape[1]))
+    rows = [f"{s:>{width}}   " + " ".join("1" if v else "." for v in row.tolist())
+            for s, row in zip(labels, mask)]
+    return "\n".join([head] + rows)
+
+
+def main(args):
+    tree = Tree.parse(args.paths, k=args.k)
+    print(tree)
+    print("\n" + tree.draw())
+    print(f"\nancestor mask (N={tree.size}): row i may attend to column j")
+    print(draw_mask(tree.mask))
+    print(f"\nwith n={args.n} cached tokens:")
+    print("position ", tree.positions(args.n).tolist())
+    print("slot     ", tree.slots(args.n).tolist())
+    print("retrieve ", tree.retrieve.tolist())
+    if args.pseudo:
+        m = pseudo_mask(tree.mask, 0, args.k)[0]  # cache columns left out: they are all 1
+        labels = [f"[{i}]" for i in range(tree.size)]
+        labels += [f"({a},{i})" for a in range(tree.size) for i in range(1, args.k + 1)]
+        print(f"\npseudo mask after the transfer layer (k={args.k}; cache columns, all 1, left out)")
+        print(draw_mask(m, labels))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Print a token tree, its buffers and its masks.")
+    parser.add_argument("--paths", default="0;1;0,0;0,1;1,0;0,0,0",
+                        help="tree paths without the root: ranks split by ',', paths by ';'")
+    parser.add_argument("--k", type=int, default=3, help="draft offsets; no path may be deeper")
+    parser.add_argument("--n", type=int, default=10, help="cached tokens, for positions and slots")
+    parser.add_argument("--pseudo", action="store_true",
+                        help="also print the pseudo-token mask of the layers after the transfer layer")
+    try:
+        main(parser.parse_args())
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
