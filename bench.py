@@ -1,0 +1,329 @@
+"""The benchmark: Hidden Transfer against plain decoding and Medusa on MT-Bench, same model, same
+machine, same run (METHOD.md, "Metrics" and "Baselines"). Methods take turns prompt by prompt, so
+drift of a shared machine hits all alike; every output is checked against plain decoding's.
+`--latency` instead measures what one verification pass costs against a one-token step, per tree
+size (latency.py). Read decode.py first (what this times), then train.py (what makes checkpoints).
+
+    python bench.py                     # needs checkpoints/transfer.pt and checkpoints/medusa.pt
+    python bench.py --methods plain,ht --untrained --prompts 2 --max-new-tokens 32   # smoke run
+    python bench.py --latency
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+from decode import generate_tree
+from generate import (DTYPES, Generation, Sampler, add_common_args, check_common_args,
+                      describe_machine, generate, load)
+# pass_latency and step_latency are re-exported: `from bench import pass_latency` works too
+from latency import latency_curve, latency_report, pass_latency, step_latency  # noqa: F401
+from tree import Tree, chain
+
+# ----------------------------------------------------------------------------- defaults, in one place
+PROMPTS = 8              # one MT-Bench question per category (pick_mtbench goes round-robin)
+MAX_NEW_TOKENS = 128     # with PROMPTS, a default run fits in about 15 minutes on a 2-core CPU
+METHODS = "plain,ht,medusa"
+CHECKPOINTS = {"ht": "checkpoints/transfer.pt", "medusa": "checkpoints/medusa.pt"}
+KINDS = {"ht": "HiddenTransfer", "medusa": "Medusa"}     # what each method's checkpoint must hold
+TRAIN = {"ht": "python train.py", "medusa": "python train.py --drafter medusa"}
+WARMUP_TOKENS = 8        # per method, untimed: first calls pay for allocation and kernel choice
+
+
+def fail(message: str):
+    """A user's mistake: one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def environment(device) -> dict:
+    # the load average says whether other work shared the CPU: timings under load are noisy
+    return {"machine": describe_machine(device), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "load_average": round(os.getloadavg()[0], 2)}
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def _spread(xs) -> dict | None:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else None
+
+
+def method_metrics(gens: list, plain: list | None = None, depth: int = 0) -> dict:
+    """METHOD.md's metrics for one method over prompts. gens, plain: Generation lists, prompt-aligned.
+
+    tau = tokens after the first / passes, pooled over prompts (a mean of per-prompt taus would
+    weigh a 5-token answer like a 128-token one). alpha_j = passes that accepted >= j drafts /
+    passes that accepted >= j-1 (depth j accepted given depth j-1 was), for j = 1..depth.
+    """
+    acc = [a for g in gens for a in g.accepted]
+    alpha = [sum(a >= j for a in acc) / max(1, sum(a >= j - 1 for a in acc)) for j in range(1, depth + 1)]
+    ratios = [g.tokens_per_s / p.tokens_per_s for g, p in zip(gens, plain)] if plain else []
+    return {"prompts": len(gens), "tokens": sum(len(g.tokens) for g in gens),
+            "tokens_per_s": _spread([g.tokens_per_s for g in gens]), "speedup": _spread(ratios),
+            "tau": sum(len(g.tokens) - 1 for g in gens) / max(1, len(acc)), "alpha": alpha,
+            "passes": len(acc), "ms_per_pass": 1000 * sum(g.decode_s for g in gens) / max(1, len(acc))}
+
+
+def first_difference(a: list, b: list) -> int | None:
+    """Index of the first token where a and b differ (a prefix differs at its end), None if equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def summarize(results: dict) -> dict:
+    """Fill results' "mismatches", "summary" (per method) and "categories" from its "runs"."""
+    runs, names = results["runs"], list(results["trees"])
+    gens = {m: [Generation(**r["methods"][m]) for r in runs] for m in names}
+    results["mismatches"] = [
+        {"method": m, "prompt": r["prompt"], "category": r["category"], "turn": r["turn"], "position": at}
+        for r in runs for m in names
+        if (at := first_difference(r["methods"][m]["tokens"], r["methods"]["plain"]["tokens"])) is not None]
+    results["summary"] = {}
+    for m in names:
+        depth = results["trees"][m]["depth"] if results["trees"][m] else 0
+        results["summary"][m] = method_metrics(gens[m], gens["plain"], depth)
+        results["summary"][m]["mismatches"] = sum(x["method"] == m for x in results["mismatches"])
+    results["categories"] = {}
+    for cat in dict.fromkeys(r["category"] for r in runs):  # in order of first appearance
+        pick = [i for i, r in enumerate(runs) if r["category"] == cat]
+        results["categories"][cat] = {m: method_metrics([gens[m][i] for i in pick],
+                                                        [gens["plain"][i] for i in pick]) for m in names}
+    return results
+
+
+# ----------------------------------------------------------------------------- the run
+
+def _one(model, method, prompt, max_new, temperature, top_p, seed, stop_ids) -> Generation:
+    sampler = Sampler(temperature, top_p, seed)  # a fresh, equally seeded sampler for every method
+    if method is None:
+        return generate(model, prompt, max_new, sampler, stop_ids)
+    return generate_tree(model, method[0], prompt, method[1], max_new, sampler, stop_ids)
+
+
+def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, temperature: float = 0.0,
+              top_p: float = 1.0, seed: int = 0) -> dict:
+    """Run every method on every prompt, interleaved, and return the results (see summarize).
+
+    methods: {name: (drafter, tree), or None for plain decoding}; "plain" must be among them.
+    prompts: [(category, [user turn 1, user turn 2, ...])]; turn 2 follows plain decoding's own
+    answer to turn 1, as MT-Bench does, so every method sees the same second prompt.
+    Ctrl-C stops early: the results then hold every prompt that all methods finished.
+    """
+    if methods.get("plain", 0) is not None:
+        raise ValueError("methods must include 'plain': None, the reference for speed and losslessness")
+    methods = {"plain": None, **methods}  # plain first: every other output is compared with it
+    dev = model.output.weight.device
+    results = {"env": {**environment(dev), "dtype": str(model.output.weight.dtype).removeprefix("torch.")},
+               "settings": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                            "seed": seed, "prompts": len(prompts), "turns": max(len(t) for _, t in prompts)},
+               "trees": {m: None if v is None else {"size": v[1].size, "depth": v[1].depth,
+                                                    "paths": [list(p) for p in v[1].paths[1:]]}
+                         for m, v in methods.items()},
+               "runs": [], "interrupted": False}
+    first, _ = tok.encode_chat([{"role": "user", "content": prompts[0][1][0]}])
+    for method in methods.values():  # warm-up, untimed
+        _one(model, method, first, WARMUP_TOKENS, temperature, top_p, seed, tok.stop_ids)
+
+    bar = tqdm(total=sum(len(t) for _, t in prompts) * len(methods), unit="gen", desc="MT-Bench")
+    t0 = time.perf_counter()
+    try:
+        for i, (category, turns) in enumerate(prompts):
+            messages = []
+            for turn, text in enumerate(turns, start=1):
+                messages.append({"role": "user", "content": text})
+                ids, _ = tok.encode_chat(messages)
+                run = {"prompt": i, "category": category, "turn": turn, "prompt_tokens": len(ids),
+                       "methods": {}}
+                for name, method in methods.items():
+                    bar.set_postfix(method=name, category=category)
+                    run["methods"][name] = asdict(_one(model, method, ids, max_new_tokens, temperature,
+                                                       top_p, seed, tok.stop_ids))
+                    bar.update()
+                    at = first_difference(run["methods"][name]["tokens"], run["methods"]["plain"]["tokens"])
+                    if at is not None:
+                        bar.write(f"MISMATCH: {name} differs from plain decoding on prompt {i} "
+                                  f"({category}, turn {turn}) from token {at} on")
+                results["runs"].append(run)  # only now: a run is complete when every method did it
+                answer = tok.decode([t for t in run["methods"]["plain"]["tokens"] if t not in tok.stop_ids])
+                messages.append({"role": "assistant", "content": answer})
+    except KeyboardInterrupt:
+        results["interrupted"] = True
+        bar.write(f"interrupted: reporting the {len(results['runs'])} prompts that every method finished")
+    bar.close()
+    results["wall_s"] = time.perf_counter() - t0
+    return summarize(results)
+
+
+# ----------------------------------------------------------------------------- the report
+
+def _fmt(s: dict | None, unit: str = "", digits: int = 1) -> str:
+    if s is None:
+        return "-"
+    return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def tree_text(paths: list) -> str:
+    """Tree paths in Tree.parse's spelling, '0;0,0;1', so they can be passed back with --tree."""
+    return ";".join(",".join(str(r) for r in p) for p in paths) or "(root only)"
+
+
+def report(results: dict) -> str:
+    """The results as markdown: the main table, the per-category table, the trees, the mismatches."""
+    env, s = results["env"], results["settings"]
+    mode = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}, top-p {s['top_p']}"
+    lines = [f"MT-Bench, {s['prompts']} prompts x {s['turns']} turn(s), max {s['max_new_tokens']} new "
+             f"tokens, {mode}, seed {s['seed']}; {env['machine']}, {env['dtype']}, "
+             f"load average {env['load_average']} at the start",
+             f"{len(results['runs'])} generations per method in {results['wall_s'] / 60:.1f} min"
+             f"{' (INTERRUPTED)' if results['interrupted'] else ''}", ""]
+    if not results["runs"]:
+        return "\n".join(lines + ["nothing was measured"])
+    lines += ["| method | tokens/s median (min-max) | speedup median (min-max) | tau "
+              "| alpha_1 / .. / alpha_D | passes | ms/pass | mismatches |", "|" + "---|" * 8]
+    for m, r in results["summary"].items():
+        alpha = " / ".join(f"{a:.2f}" for a in r["alpha"]) or "-"
+        lines.append(f"| {m} | {_fmt(r['tokens_per_s'])} | {_fmt(r['speedup'], 'x', 2)} | {r['tau']:.2f} | "
+                     f"{alpha} | {r['passes']} | {r['ms_per_pass']:.1f} | {r['mismatches']} |")
+    methods = list(results["summary"])
+    lines += ["", "Per category: median speedup over plain / tau", "",
+              "| category | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for cat, per in results["categories"].items():
+        cells = [f"{per[m]['speedup']['median']:.2f}x / {per[m]['tau']:.2f}" for m in methods]
+        lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"tree of {m}: {t['size']} nodes, depth {t['depth']}: {tree_text(t['paths'])}"
+                     for m, t in results["trees"].items() if t]
+    lines += [f"MISMATCH: {x['method']} on prompt {x['prompt']} ({x['category']}, turn {x['turn']}) "
+              f"from token {x['position']}" for x in results["mismatches"]]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def load_drafters(model, args, names: list) -> dict:
+    """{name: (drafter, tree, measured accept rates or None)} for the drafting methods in `names`."""
+    from medusa import Medusa
+    from transfer import HiddenTransfer, load_checkpoint
+    out, w = {}, model.output.weight
+    for name in names:
+        if args.untrained:  # identity projections / zero heads: lossless, near-zero acceptance
+            d = (HiddenTransfer(model.args.dim, 3, model.args.n_layers // 2) if name == "ht"
+                 else Medusa(model.args.dim, 3))
+            drafter, tree, accept = d.to(device=w.device, dtype=w.dtype), chain(3), None
+        else:
+            path = args.transfer if name == "ht" else args.medusa
+            try:
+                drafter, ckpt = load_checkpoint(path, model)
+            except ValueError as e:  # trained for another model, or a layer that does not fit it
+                fail(str(e))
+            except (KeyError, RuntimeError) as e:
+                fail(f"{path} is not a drafter checkpoint ({e!r}): make one with `{TRAIN[name]}`")
+            if ckpt.get("kind") != KINDS[name]:
+                fail(f"{path} holds a {ckpt.get('kind')} drafter, not {KINDS[name]}: "
+                     f"make one with `{TRAIN[name]}`")
+            paths = ckpt.get("tree")
+            tree = Tree([tuple(p) for p in paths], k=drafter.k) if paths else chain(drafter.k)
+            accept = ckpt.get("accept_rates")
+        if args.tree:  # one tree for every drafter: a like-for-like comparison
+            try:
+                tree = chain(drafter.k) if args.tree == "chain" else Tree.parse(args.tree, k=drafter.k)
+            except ValueError as e:
+                fail(f"--tree: {e}")
+        out[name] = (drafter, tree, accept)
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p)  # its --prompt is not used: the prompts are MT-Bench's
+    p.set_defaults(max_new_tokens=MAX_NEW_TOKENS)
+    p.add_argument("--methods", default=METHODS, help="comma list from plain, ht, medusa; plain is required")
+    p.add_argument("--prompts", type=int, default=PROMPTS,
+                   help="MT-Bench questions, taken round-robin over the categories")
+    p.add_argument("--full", action="store_true", help="all 80 MT-Bench questions (overrides --prompts)")
+    p.add_argument("--both-turns", action="store_true", help="also run each question's follow-up turn")
+    p.add_argument("--transfer", default=CHECKPOINTS["ht"], help="Hidden Transfer checkpoint (train.py)")
+    p.add_argument("--medusa", default=CHECKPOINTS["medusa"],
+                   help="Medusa checkpoint (train.py --drafter medusa)")
+    p.add_argument("--untrained", action="store_true",
+                   help="smoke run: identity projections and zero Medusa heads instead of checkpoints")
+    p.add_argument("--tree", default=None,
+                   help="tree for every drafter, e.g. '0;1;0,0' or 'chain' (default: each checkpoint's own)")
+    p.add_argument("--mtbench", default=None, help="MT-Bench question.jsonl (default: the installed one)")
+    p.add_argument("--latency", action="store_true",
+                   help="measure pass time against tree size instead of running MT-Bench")
+    p.add_argument("--out", default="results.json", help="where the results are saved as JSON")
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not set(args.methods) <= {"plain", "ht", "medusa"} or len(set(args.methods)) != len(args.methods):
+        p.error(f"--methods {','.join(args.methods)}: list each of plain, ht, medusa at most once")
+    if "plain" not in args.methods and not args.latency:
+        p.error("--methods must include plain: it is the reference for speedup and losslessness")
+    if args.latency and args.methods == ["plain"]:
+        p.error("--latency times drafters: put ht or medusa in --methods")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_common_args(args)
+    drafting = [m for m in args.methods if m != "plain"]
+    for name in [] if args.untrained else drafting:  # before the slow model load
+        path = args.transfer if name == "ht" else args.medusa
+        if not os.path.exists(path):
+            fail(f"no {KINDS[name]} checkpoint at {path}: make it with `{TRAIN[name]}`, "
+                 f"or leave {name} out of --methods (or pass --untrained for a smoke run)")
+    if not args.latency:
+        from data import pick_mtbench, read_mtbench
+        try:
+            questions = read_mtbench(args.mtbench)
+            picked = pick_mtbench(questions, len(questions) if args.full else args.prompts)
+        except (OSError, ValueError) as e:
+            fail(str(e))
+        if not picked:
+            fail("--prompts 0 leaves nothing to run: pass at least 1")
+    model, tok = load(args)
+    drafters = load_drafters(model, args, drafting)
+    if args.untrained:
+        print("--untrained: identity projections and zero Medusa heads: lossless, but expect no speedup",
+              file=sys.stderr)
+
+    if args.latency:
+        results = {"env": {**environment(args.device), "dtype": args.dtype}, "latency": {},
+                   "interrupted": False}
+        print(f"{results['env']['machine']}, {args.dtype}, load average {results['env']['load_average']}")
+        for name, (drafter, _, accept) in drafters.items():
+            results["latency"][name] = curve = latency_curve(model, drafter, accept)
+            print("\n" + latency_report(name, curve))
+            if curve["interrupted"]:
+                results["interrupted"] = True
+                break
+    else:
+        prompts = [(q["category"], q["turns"][:2 if args.both_turns else 1]) for q in picked]
+        methods = {m: None if m == "plain" else drafters[m][:2] for m in args.methods}
+        results = run_bench(model, tok, methods, prompts, args.max_new_tokens, args.temperature,
+                            args.top_p, args.seed)
+        print("\n" + report(results))
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nsaved {args.out}")
+    if results.get("mismatches") and DTYPES[args.dtype] == torch.float32:
+        sys.exit("error: outputs differ from plain decoding in float32: decoding is not lossless")
+    if results["interrupted"]:
+        sys.exit(130)  # what a shell reports for Ctrl-C: the saved results are partial
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:  # outside the measuring loops: nothing was measured yet
+        sys.exit("interrupted before anything was measured")

@@ -1,0 +1,97 @@
+"""What one verification pass costs on this machine against a one-token step, per tree size.
+
+A tree of N nodes buys expected tau tokens per pass (tree.expected_tau) but a pass over N nodes,
+plus k pseudo tokens per node, is slower than plain decoding's one-token step; the speedup a tree
+can give is tau / (pass time / step time) (METHOD.md, "Metrics"). bench.py --latency prints this
+curve; pass_latency and step_latency are the measuring functions, for any script that chooses a tree.
+"""
+
+import statistics
+import time
+
+import torch
+
+from generate import sync
+from model import KVCache
+from tree import Tree, build_tree, expected_tau
+
+SIZES = (1, 2, 4, 8, 16, 32, 64)
+CONTEXT = 300    # cached tokens during a timed pass: about an MT-Bench prompt plus an answer
+REPS = 5
+
+
+def _median_time(fn, device, reps: int) -> float:
+    times = []
+    for _ in range(reps + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+@torch.no_grad()
+def pass_latency(model, drafter, tree: Tree, n_ctx: int = CONTEXT, reps: int = REPS) -> float:
+    """Median seconds of one decoding step's model work with `tree` after n_ctx cached tokens, as in
+    decode.generate_tree: drafter.tree_pass (pseudo tokens for every node), the LM head on the
+    nodes, one node's drafts. The cache holds zeros: its values do not change the cost."""
+    w = model.output.weight
+    cache = KVCache(model.args, 1, n_ctx + tree.size, w.device, w.dtype)
+    tokens = torch.randint(model.args.vocab_size, (1, tree.size), device=w.device)
+    pos, mask = tree.positions(n_ctx).to(w.device), tree.mask.to(w.device)
+
+    def step():
+        hidden, states = drafter.tree_pass(model, tokens, pos, mask, n_ctx, cache)
+        model.head(hidden)
+        drafter.draft_logits(model, states[0])
+    return _median_time(step, w.device, reps)
+
+
+@torch.no_grad()
+def step_latency(model, n_ctx: int = CONTEXT, reps: int = REPS) -> float:
+    """Median seconds of one plain decoding step after n_ctx cached tokens: one token, all layers, head."""
+    w = model.output.weight
+    cache = KVCache(model.args, 1, n_ctx + 1, w.device, w.dtype)
+    token, at = torch.tensor([[1]], device=w.device), torch.tensor([n_ctx], device=w.device)
+    mask = torch.ones(1, 1, n_ctx + 1, dtype=torch.bool, device=w.device)  # (1, 1, n_ctx + 1)
+    return _median_time(lambda: model(token, at, mask, at, cache), w.device, reps)
+
+
+def made_up_accept(k: int, top_r: int = 8) -> list:
+    """A plausible decreasing acceptance table, only to shape trees when no checkpoint measured one."""
+    return [[0.5 * 0.8 ** j * 0.5 ** r for r in range(top_r)] for j in range(k)]
+
+
+def latency_curve(model, drafter, accept=None, sizes=SIZES, n_ctx: int = CONTEXT, reps: int = REPS) -> dict:
+    """{"step_ms", "rows": [{"nodes", "ms", "ratio", "tau", "speedup", "paths"}]}: for each size the best
+    tree (tree.build_tree) under the measured `accept` rates (k, top_r), timed against a one-token step.
+    With no rates the trees come from a made-up table, and tau and speedup stay None: they would be
+    made up too. Ctrl-C stops early and returns what was measured, with "interrupted" set."""
+    table = accept or made_up_accept(drafter.k)
+    curve = {"n_ctx": n_ctx, "reps": reps, "step_ms": None, "rows": [], "interrupted": False}
+    try:
+        curve["step_ms"] = 1000 * step_latency(model, n_ctx, reps)
+        for n in sizes:
+            tree = build_tree(table, n)
+            ms = 1000 * pass_latency(model, drafter, tree, n_ctx, reps)
+            tau, ratio = (expected_tau(tree, accept) if accept else None), ms / curve["step_ms"]
+            curve["rows"].append({"nodes": n, "ms": ms, "ratio": ratio, "tau": tau,
+                                  "speedup": None if tau is None else tau / ratio,
+                                  "paths": [list(p) for p in tree.paths[1:]]})
+    except KeyboardInterrupt:
+        curve["interrupted"] = True
+    return curve
+
+
+def latency_report(name: str, curve: dict) -> str:
+    """The curve as a markdown table."""
+    if curve["step_ms"] is None:
+        return f"{name}: interrupted before anything was measured"
+    lines = [f"{name}: one verification pass against a one-token step ({curve['step_ms']:.1f} ms), "
+             f"{curve['n_ctx']} cached tokens, median of {curve['reps']}", "",
+             "| nodes | ms/pass | ratio to one-token step | E[tau] | E[speedup] = tau / ratio |",
+             "|---|---|---|---|---|"]
+    for r in curve["rows"]:
+        tau, sp = ("-", "-") if r["tau"] is None else (f"{r['tau']:.2f}", f"{r['speedup']:.2f}x")
+        lines.append(f"| {r['nodes']} | {r['ms']:.1f} | {r['ratio']:.2f} | {tau} | {sp} |")
+    return "\n".join(lines + (["(interrupted)"] if curve["interrupted"] else []))

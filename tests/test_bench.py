@@ -1,0 +1,245 @@
+"""bench.py and latency.py: the metrics on hand-made generations, the interleaved run on a tiny
+random model with a fake tokenizer (lossless, complete report, Ctrl-C), the command line end to
+end with the model injected, and every one-line error with its exit status.
+"""
+
+import json
+
+import pytest
+import torch
+
+import bench
+from generate import Generation
+from latency import latency_curve, latency_report, pass_latency, step_latency
+from medusa import Medusa
+from model import ModelArgs, Transformer
+from transfer import HiddenTransfer, save_checkpoint
+from tree import Tree, chain
+
+WIDE = Tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], k=3)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine every small op of a
+    multi-threaded torch waits for a descheduled thread (~10 ms each): tests went from 15 s to 200 s."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed=0):
+    return Transformer(ModelArgs.tiny()).init_random(seed, std=0.15).eval()
+
+
+def perturbed(drafter, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        drafter.proj.weight.add_(0.3 * torch.randn(drafter.proj.weight.shape, generator=g))
+        drafter.proj.bias.normal_(0, 0.1, generator=g)
+    return drafter
+
+
+class FakeTokenizer:
+    """Characters <-> ids, a made-up chat format; just enough for bench.run_bench."""
+    stop_ids = {95}
+
+    def encode_chat(self, messages):
+        text = "".join(f"<{m['role'][0]}>{m['content']}" for m in messages) + "<a>"
+        ids = [ord(c) % 90 + 1 for c in text][-48:]  # keep the tiny model's context small
+        return ids, [False] * len(ids)
+
+    def decode(self, ids):
+        return "".join(chr(32 + i % 90) for i in ids)
+
+
+PROMPTS = [("writing", ["Write a poem.", "Shorter, please."]), ("math", ["What is 2 + 2?"]),
+           ("coding", ["Reverse a list in Python."])]
+
+
+def methods(model):
+    dim = model.args.dim
+    return {"plain": None, "ht": (perturbed(HiddenTransfer(dim, 3, 2)), chain(3)),
+            "medusa": (perturbed(Medusa(dim, 3), seed=1), WIDE)}
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_metrics_of_hand_made_generations():
+    # 3 passes accepting 2, 0, 1 drafts: 1 + 3 + 1 + 2 = 7 tokens
+    ht = Generation(tokens=list(range(7)), accepted=[2, 0, 1], prefill_s=0.5, decode_s=0.5)
+    plain = Generation(tokens=list(range(7)), accepted=[0] * 6, prefill_s=1.0, decode_s=1.0)
+    m = bench.method_metrics([ht], [plain], depth=3)
+    assert m["tau"] == pytest.approx(2.0)
+    assert m["alpha"] == pytest.approx([2 / 3, 1 / 2, 0.0])
+    assert m["passes"] == 3 and m["ms_per_pass"] == pytest.approx(500 / 3)
+    assert m["speedup"]["median"] == pytest.approx(2.0) and m["tokens_per_s"]["median"] == pytest.approx(7.0)
+    p = bench.method_metrics([plain], [plain])
+    assert p["tau"] == 1.0 and p["alpha"] == [] and p["speedup"]["median"] == 1.0
+
+
+def test_tau_is_pooled_over_prompts_and_spread_is_min_max():
+    a = Generation(tokens=[1] * 11, accepted=[4, 4], prefill_s=1, decode_s=1)   # 10 tokens / 2 passes
+    b = Generation(tokens=[1] * 3, accepted=[0, 0], prefill_s=1, decode_s=2)    # 2 tokens / 2 passes
+    m = bench.method_metrics([a, b])
+    assert m["tau"] == pytest.approx(12 / 4)
+    assert m["tokens_per_s"] == {"median": pytest.approx(3.25), "min": 1.0, "max": 5.5}
+    assert m["speedup"] is None
+
+
+def test_first_difference():
+    assert bench.first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert bench.first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert bench.first_difference([1, 2], [1, 2, 3]) == 2
+
+
+# ----------------------------------------------------------------------------- the run
+
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (0.8, 0.9)])
+def test_run_bench_is_lossless_and_reports_every_method_and_category(temperature, top_p):
+    model = tiny()
+    results = bench.run_bench(model, FakeTokenizer(), methods(model), PROMPTS, 24, temperature, top_p, seed=3)
+    assert results["mismatches"] == [] and not results["interrupted"]
+    assert len(results["runs"]) == 4  # three first turns and one follow-up
+    assert [r["turn"] for r in results["runs"]] == [1, 2, 1, 1]
+    s = results["summary"]
+    assert s["plain"]["tau"] == 1.0 and s["plain"]["passes"] == s["plain"]["tokens"] - 4
+    assert s["plain"]["speedup"]["median"] == 1.0
+    for m in ("ht", "medusa"):
+        assert s[m]["mismatches"] == 0 and len(s[m]["alpha"]) == 3
+        assert s[m]["tokens"] == s["plain"]["tokens"] and s[m]["passes"] <= s["plain"]["passes"]
+    text = bench.report(results)
+    for word in ("plain", "ht", "medusa", "writing", "math", "coding", "tree of medusa: 7 nodes"):
+        assert word in text
+    json.dumps(results)  # everything the CLI saves must be plain json
+
+
+def test_second_turn_follows_plain_decodings_answer():
+    model, tok = tiny(), FakeTokenizer()
+    results = bench.run_bench(model, tok, {"plain": None}, PROMPTS[:1], 6)
+    first = results["runs"][0]["methods"]["plain"]["tokens"]
+    answer = tok.decode([t for t in first if t not in tok.stop_ids])
+    ids, _ = tok.encode_chat([{"role": "user", "content": "Write a poem."},
+                              {"role": "assistant", "content": answer},
+                              {"role": "user", "content": "Shorter, please."}])
+    assert results["runs"][1]["prompt_tokens"] == len(ids)
+
+
+def test_a_wrong_drafter_is_caught_as_a_mismatch():
+    class Broken(HiddenTransfer):  # verification reads the wrong logits: no longer lossless
+        def tree_pass(self, *a, **kw):
+            hidden, states = super().tree_pass(*a, **kw)
+            return hidden + 5 * torch.randn_like(hidden), states
+    model = tiny()
+    results = bench.run_bench(model, FakeTokenizer(), {"plain": None, "ht": (Broken(64, 3, 2), chain(3))},
+                              PROMPTS[1:], 16)
+    assert results["summary"]["ht"]["mismatches"] == 2
+    assert "MISMATCH: ht on prompt 0 (math, turn 1)" in bench.report(results)
+
+
+def test_ctrl_c_keeps_the_prompts_every_method_finished():
+    calls = {"n": 0}
+
+    class Interrupting(HiddenTransfer):
+        def tree_pass(self, *a, **kw):
+            calls["n"] += 1
+            if calls["n"] == 40:  # well into the second prompt
+                raise KeyboardInterrupt
+            return super().tree_pass(*a, **kw)
+    model = tiny()
+    ht = (Interrupting(64, 3, 2), chain(3))
+    # plain listed last: run_bench still runs it first, as the others are compared with it
+    results = bench.run_bench(model, FakeTokenizer(), {"ht": ht, "plain": None}, PROMPTS, 24)
+    assert results["interrupted"] and 1 <= len(results["runs"]) < 4
+    assert "INTERRUPTED" in bench.report(results)
+
+
+def test_plain_is_required():
+    model = tiny()
+    with pytest.raises(ValueError, match="plain"):
+        bench.run_bench(model, FakeTokenizer(), {"ht": methods(model)["ht"]}, PROMPTS, 4)
+
+
+# ----------------------------------------------------------------------------- latency
+
+def test_latency_curve_and_report():
+    model = tiny()
+    drafter = perturbed(HiddenTransfer(64, 3, 2))
+    assert pass_latency(model, drafter, WIDE, n_ctx=20, reps=1) > 0 and step_latency(model, 20, 1) > 0
+    curve = latency_curve(model, drafter, None, sizes=(1, 2, 4), n_ctx=20, reps=1)
+    assert [r["nodes"] for r in curve["rows"]] == [1, 2, 4] and curve["rows"][0]["tau"] is None
+    accept = [[0.6, 0.2], [0.4, 0.1], [0.3, 0.1]]
+    curve = latency_curve(model, drafter, accept, sizes=(1, 4), n_ctx=20, reps=1)
+    r = curve["rows"][1]
+    assert r["tau"] > 1 and r["speedup"] == pytest.approx(r["tau"] / r["ratio"])
+    assert "| 4 |" in latency_report("ht", curve)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+@pytest.fixture
+def injected(monkeypatch):
+    """main() with a tiny random model and the fake tokenizer in place of the real ones."""
+    model = tiny()
+    monkeypatch.setattr(bench, "load", lambda args: (model, FakeTokenizer()))
+    return model
+
+
+def one_line_exit(capsys, argv, code=2) -> str:
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_main_end_to_end(injected, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    bench.main(["--untrained", "--prompts", "3", "--both-turns", "--max-new-tokens", "6", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert list(saved["summary"]) == ["plain", "ht", "medusa"] and len(saved["runs"]) == 6
+    assert list(saved["categories"]) == ["writing", "roleplay", "reasoning"]
+    assert "| medusa |" in capsys.readouterr().out
+
+
+def test_main_latency(injected, tmp_path, capsys):
+    out = tmp_path / "lat.json"
+    bench.main(["--latency", "--untrained", "--methods", "ht", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert [r["nodes"] for r in saved["latency"]["ht"]["rows"]] == [1, 2, 4, 8, 16, 32, 64]
+    assert "ratio to one-token step" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--transfer", "nowhere/t.pt"], "python train.py`"),
+    (["--methods", "plain,medusa", "--medusa", "nowhere/m.pt"], "python train.py --drafter medusa"),
+])
+def test_missing_checkpoint_is_one_line_and_exit_2(capsys, argv, needle):
+    err = one_line_exit(capsys, argv)
+    assert "nowhere/" in err and needle in err
+
+
+def test_checkpoint_for_another_model_or_kind(injected, tmp_path, capsys):
+    other = tiny(seed=7)
+    save_checkpoint(str(tmp_path / "t.pt"), HiddenTransfer(64, 3, 2), other, {})
+    err = one_line_exit(capsys, ["--methods", "plain,ht", "--transfer", str(tmp_path / "t.pt")])
+    assert "different base model" in err
+    save_checkpoint(str(tmp_path / "m.pt"), Medusa(64, 3), injected, {"tree": [[0], [1]]})
+    err = one_line_exit(capsys, ["--methods", "plain,ht", "--transfer", str(tmp_path / "m.pt")])
+    assert "holds a Medusa drafter" in err
+
+
+def test_missing_mtbench_package_is_one_line(monkeypatch, capsys):
+    import data
+    monkeypatch.setattr(data, "MTBENCH_PACKAGE", "no-such-mtbench-package")
+    err = one_line_exit(capsys, ["--methods", "plain"])
+    assert "MT-Bench is not installed" in err
+
+
+@pytest.mark.parametrize("argv", [["--methods", "plain,eagle"], ["--methods", "ht"], ["--prompts", "0"]])
+def test_bad_flags_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv + ["--untrained"])
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
