@@ -1,7 +1,11 @@
-"""Shared fixtures: the real default model is loaded once per test session."""
+"""Shared test setup: one CPU thread, and the real default model loaded once per session."""
 
 import pytest
 import torch
+
+# Tests are many small ops on tiny models, which a second thread only slows down (and a busy
+# machine's thread contention can slow a hundredfold). Timings live in bench.py, never here.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -11,5 +15,7 @@ def smollm():
     from weights import default_model_path, load_model
 
     path = default_model_path()
-    torch.manual_seed(0)
-    return load_model(path, device="cpu", dtype=torch.float32), load_tokenizer(path)
+    model = load_model(path, device="cpu", dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, load_tokenizer(path)

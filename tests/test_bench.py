@@ -19,16 +19,6 @@ from tree import Tree, chain
 WIDE = Tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], k=3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine every small op of a
-    multi-threaded torch waits for a descheduled thread (~10 ms each): tests went from 15 s to 200 s."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(seed=0):
     return Transformer(ModelArgs.tiny()).init_random(seed, std=0.15).eval()
 
