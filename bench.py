@@ -210,11 +210,11 @@ def report(results: dict) -> str:
 def load_drafters(model, args, names: list) -> dict:
     """{name: (drafter, tree, measured accept rates or None)} for the drafting methods in `names`."""
     from medusa import Medusa
-    from transfer import HiddenTransfer, load_checkpoint
+    from transfer import HiddenTransfer, default_layer, load_checkpoint
     out, w = {}, model.output.weight
     for name in names:
         if args.untrained:  # identity projections / zero heads: lossless, near-zero acceptance
-            d = (HiddenTransfer(model.args.dim, 3, model.args.n_layers // 2) if name == "ht"
+            d = (HiddenTransfer(model.args.dim, 3, default_layer(model.args.n_layers)) if name == "ht"
                  else Medusa(model.args.dim, 3))
             drafter, tree, accept = d.to(device=w.device, dtype=w.dtype), chain(3), None
         else:
@@ -229,7 +229,7 @@ def load_drafters(model, args, names: list) -> dict:
                 fail(f"{path} holds a {ckpt.get('kind')} drafter, not {KINDS[name]}: "
                      f"make one with `{TRAIN[name]}`")
             paths = ckpt.get("tree")
-            tree = Tree([tuple(p) for p in paths], k=drafter.k) if paths else chain(drafter.k)
+            tree = Tree([tuple(p) for p in paths], k=drafter.k) if paths is not None else chain(drafter.k)
             accept = ckpt.get("accept_rates")
         if args.tree:  # one tree for every drafter: a like-for-like comparison
             try:

@@ -114,12 +114,12 @@ def generate_tree(model, drafter, prompt: list, tree: Tree, max_new_tokens: int,
 def load_drafter(model, path, transfer_layer=None, k=3):
     """(drafter, tree) from a checkpoint, or an untrained identity transfer if there is none."""
     import os
-    from transfer import HiddenTransfer, load_checkpoint
+    from transfer import HiddenTransfer, default_layer, load_checkpoint
     if path and os.path.exists(path):
         drafter, ckpt = load_checkpoint(path, model)
-        tree = Tree([tuple(p) for p in ckpt["tree"]], k=drafter.k) if ckpt.get("tree") else chain(drafter.k)
+        tree = Tree([tuple(p) for p in ckpt["tree"]], k=drafter.k) if ckpt.get("tree") is not None else chain(drafter.k)
         return drafter, tree, f"drafter: {path}"
-    layer = transfer_layer or model.args.n_layers // 2
+    layer = transfer_layer or default_layer(model.args.n_layers)
     w = model.output.weight
     drafter = HiddenTransfer(model.args.dim, k, layer).to(device=w.device, dtype=w.dtype)
     return drafter, chain(k), (f"no checkpoint at {path}: using the UNTRAINED identity projection "

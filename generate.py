@@ -141,7 +141,7 @@ def add_common_args(parser: argparse.ArgumentParser):
 
 
 def check_common_args(args):
-    """Turn a user's mistake into one clear line and exit status 2."""
+    """Turn a user's mistake into one clear line on stderr and a non-zero exit."""
     problems = []
     if args.max_new_tokens < 1:
         problems.append("--max-new-tokens must be at least 1")
@@ -159,7 +159,7 @@ def check_common_args(args):
 
 
 def load(args):
-    """(model, tokenizer) for --model on --device in --dtype; a bad path is one line, exit 2."""
+    """(model, tokenizer) for --model on --device in --dtype; a bad path is one clear line, exit 1."""
     from tokenizer import load_tokenizer
     from weights import default_model_path, load_model
     try:

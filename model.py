@@ -136,8 +136,9 @@ class Attention(nn.Module):
             n_cached = slots.numel()
             kv_len = mask.shape[-1] - (T - n_cached)
             ck, cv = cache.k[self.layer], cache.v[self.layer]  # (B, n_kv, max_len, hd)
-            ck.index_copy_(2, slots, k[:, :, :n_cached])
-            cv.index_copy_(2, slots, v[:, :, :n_cached])
+            if n_cached:
+                ck.index_copy_(2, slots, k[:, :, :n_cached])
+                cv.index_copy_(2, slots, v[:, :, :n_cached])
             if n_cached == T:  # nothing ephemeral: read the cache in place, no copy
                 k, v = ck[:, :, :kv_len], cv[:, :, :kv_len]
             else:

@@ -19,6 +19,12 @@ from model import Transformer
 from tree import pseudo_mask, pseudo_positions
 
 
+def default_layer(n_layers: int) -> int:
+    """t = 2L/3 (20 of SmolLM2's 30): best held-out agreement in our layer sweep (README), and the
+    pseudo tokens then cost only L - t layers per pass."""
+    return 2 * n_layers // 3
+
+
 class HiddenTransfer(nn.Module):
     def __init__(self, dim: int, k: int, layer: int, bias: bool = True):
         super().__init__()
