@@ -1,0 +1,75 @@
+"""Is our plain decoding an honest baseline? Its speed beside transformers' generate() on the same
+weights, prompt, length, dtype and machine, measured in one run, alternating, median of several.
+
+Every speedup in this project is divided by plain decoding's tokens/s, so plain decoding must be
+at least as fast as the usual library's. transformers is a test-time peer only (requirements-test.txt);
+it loads the same GGUF file. Both decode greedily with the end-of-sequence token disabled, so both
+emit exactly --max-new-tokens tokens; the outputs are also compared token for token.
+
+    python hf_baseline.py --max-new-tokens 128 --reps 5
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from generate import Sampler, add_common_args, check_common_args, describe_machine, generate, load
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--reps", type=int, default=5, help="timed generations per implementation")
+    args = parser.parse_args(argv)
+    check_common_args(args)
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        sys.exit("error: transformers is not installed: pip install -r requirements-test.txt")
+    model, tok = load(args)
+    path = args.model or __import__("weights").default_model_path()
+    if not path.endswith(".gguf"):
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=model.output.weight.dtype)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                  dtype=model.output.weight.dtype)
+    hf = hf.to(args.device).eval()
+
+    prompt, _ = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    n = args.max_new_tokens
+    ids = torch.tensor([prompt], device=args.device)
+
+    def ours():
+        return generate(model, prompt, n, Sampler(), stop_ids=()).tokens
+
+    def theirs():
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, eos_token_id=None, pad_token_id=tok.eos_id)
+        return out[0, len(prompt):].tolist()
+
+    times = {"ours": [], "transformers": []}
+    outputs = {name: fn() for name, fn in (("ours", ours), ("transformers", theirs))}  # warm-up
+    for _ in range(args.reps):  # alternate, so drift of a shared machine hits both alike
+        for name, fn in (("ours", ours), ("transformers", theirs)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+
+    print(f"{describe_machine(args.device)}, {args.dtype}, prompt {len(prompt)} tokens, {n} new tokens, "
+          f"median of {args.reps}\n")
+    print("| implementation | tokens/s (median) | min - max |\n|---|---|---|")
+    for name, ts in times.items():
+        speeds = [n / t for t in ts]
+        print(f"| {name} | {statistics.median(speeds):.1f} | {min(speeds):.1f} - {max(speeds):.1f} |")
+    ratio = statistics.median(times["transformers"]) / statistics.median(times["ours"])
+    print(f"\nours / transformers: {ratio:.2f}x; same tokens: {outputs['ours'] == outputs['transformers']}")
+
+
+if __name__ == "__main__":
+    main()
