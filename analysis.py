@@ -7,6 +7,7 @@ between pseudo and real hidden states at every layer after t (the paper: the gap
 depth), and (c) whether training on the model's own replies pays. Read train.py first.
 
     python analysis.py --cosine                         # uses checkpoints/transfer.pt
+    python analysis.py --select-tree                    # re-time its tree on this machine
     python analysis.py --sweep-layers 6,10,15,20,25 --sweep-steps 150
     python analysis.py --self-distill 100 --self-distill-steps 300
 """
@@ -26,7 +27,7 @@ from data import encode_conversations, read_sharegpt, split_holdout
 from generate import Sampler, check_common_args, generate, load
 from latency import pass_latency, step_latency
 from model import KVCache, causal_mask
-from transfer import load_checkpoint, model_identity
+from transfer import load_checkpoint, model_identity, save_checkpoint
 from tree import build_tree, chain, expected_tau
 
 # ----------------------------------------------------------------------------- held-out metrics
@@ -86,6 +87,19 @@ def select_tree(model, drafter, accept, sizes, n_ctx: int = 300, reps: int = 5):
             best = (tau / ms, tree)
     print(f"chosen: {best[1].size} nodes, paths {[list(p) for p in best[1].paths[1:]]}")
     return best[1], table, step_ms
+
+
+def retime_tree(model, path, sizes):
+    """Choose the checkpoint's tree again from its stored acceptance rates, with this machine's timings."""
+    drafter, ckpt = load_checkpoint(path, model)
+    if ckpt.get("accept_rates") is None:
+        raise ValueError(f"{path} has no measured acceptance rates: let its train.py run finish")
+    tree, table, step_ms = select_tree(model, drafter, ckpt["accept_rates"], [n for n in sizes if n >= 2])
+    ckpt.update(tree=[list(p) for p in tree.paths[1:]], step_ms=step_ms,
+                latency_ms={n: ms for n, (_, ms) in table.items()})
+    save_checkpoint(path, drafter, model,
+                    {k: v for k, v in ckpt.items() if k not in ("kind", "config", "identity", "state_dict")})
+    print(f"saved the tree in {path}")
 
 
 # ----------------------------------------------------------------------------- the paper's analyses
@@ -208,7 +222,11 @@ def main(argv=None):
                                      epilog="Any other flag is train.py's (data, --seq-len, --lr, ...).")
     parser.add_argument("--cosine", action="store_true",
                         help="cosine similarity of pseudo and real hidden states, per layer after t")
-    parser.add_argument("--checkpoint", default="checkpoints/transfer.pt", help="the drafter for --cosine")
+    parser.add_argument("--select-tree", action="store_true",
+                        help="re-time the tree sizes on THIS machine and store the best tree in --checkpoint "
+                             "(train.py does this at the end; rerun it after moving a checkpoint)")
+    parser.add_argument("--checkpoint", default="checkpoints/transfer.pt",
+                        help="the drafter for --cosine and --select-tree")
     parser.add_argument("--windows", type=int, default=50, help="held-out windows for --cosine")
     parser.add_argument("--sweep-layers", default=None, help="transfer layers to compare, e.g. 6,10,15,20,25")
     parser.add_argument("--sweep-steps", type=int, default=150, help="training steps per layer of the sweep")
@@ -216,12 +234,14 @@ def main(argv=None):
                         help="compare training on N regenerated first replies with training on ShareGPT's")
     parser.add_argument("--self-distill-steps", type=int, default=300, help="training steps of each side")
     args, rest = parser.parse_known_args(argv)
-    if not (args.cosine or args.sweep_layers or args.self_distill):
-        parser.error("pick an analysis: --cosine, --sweep-layers and/or --self-distill")
+    if not (args.cosine or args.select_tree or args.sweep_layers or args.self_distill):
+        parser.error("pick an analysis: --cosine, --select-tree, --sweep-layers and/or --self-distill")
     train_args = train.parse_args(rest)
     check_common_args(train_args)
     model, tok = load(train_args)
     try:
+        if args.select_tree:
+            retime_tree(model, args.checkpoint, train_args.tree_sizes)
         train_windows, held_windows = train.load_windows(train_args, model, tok)
         if args.cosine:
             drafter, _ = load_checkpoint(args.checkpoint, model)

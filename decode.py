@@ -10,6 +10,7 @@ how drafts are made differs. Read generate.py first (plain decoding, the sampler
 """
 
 import argparse
+import os
 import sys
 import time
 
@@ -111,20 +112,20 @@ def generate_tree(model, drafter, prompt: list, tree: Tree, max_new_tokens: int,
 
 # ----------------------------------------------------------------------------- command line
 
-def load_drafter(model, path, transfer_layer=None, k=3):
-    """(drafter, tree) from a checkpoint, or an untrained identity transfer if there is none."""
-    import os
+def load_drafter(model, path, k=3):
+    """(drafter, tree, note) from a checkpoint, or the untrained identity transfer if path is None
+    or names no file (the note then says so)."""
     from transfer import HiddenTransfer, default_layer, load_checkpoint
     if path and os.path.exists(path):
         drafter, ckpt = load_checkpoint(path, model)
-        tree = Tree([tuple(p) for p in ckpt["tree"]], k=drafter.k) if ckpt.get("tree") is not None else chain(drafter.k)
-        return drafter, tree, f"drafter: {path}"
-    layer = transfer_layer or default_layer(model.args.n_layers)
-    w = model.output.weight
+        paths = ckpt.get("tree")
+        tree = chain(drafter.k) if paths is None else Tree([tuple(p) for p in paths], k=drafter.k)
+        return drafter, tree, f"drafter: {path}, tree of {tree.size} nodes"
+    layer, w = default_layer(model.args.n_layers), model.output.weight
     drafter = HiddenTransfer(model.args.dim, k, layer).to(device=w.device, dtype=w.dtype)
-    return drafter, chain(k), (f"no checkpoint at {path}: using the UNTRAINED identity projection "
-                               f"(t={layer}, k={k}); output stays lossless, but expect little speedup. "
-                               "Train one with: python train.py")
+    why = f"no checkpoint at {path}" if path else "--untrained"
+    return drafter, chain(k), (f"{why}: using the UNTRAINED identity projection (t={layer}, k={k}); "
+                               "output stays lossless, but expect little speedup. Train one: python train.py")
 
 
 def main(argv=None):
@@ -136,12 +137,17 @@ def main(argv=None):
     parser.add_argument("--tree", default=None,
                         help="tree paths, e.g. '0;1;0,0' (ranks separated by ',', paths by ';'), or "
                              "'chain' (default: the tree stored in the checkpoint, else a chain)")
+    parser.add_argument("--untrained", action="store_true",
+                        help="ignore --transfer: use the identity projection (lossless, but drafts poorly)")
     parser.add_argument("--check", action="store_true",
                         help="also run plain decoding and report whether the outputs are identical")
     args = parser.parse_args(argv)
     check_common_args(args)
     model, tok = load(args)
-    drafter, tree, note = load_drafter(model, args.transfer)
+    try:
+        drafter, tree, note = load_drafter(model, None if args.untrained else args.transfer)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     print(note, file=sys.stderr)
     if args.tree:
         try:
@@ -153,7 +159,8 @@ def main(argv=None):
     show = lambda ids: print(stream.push([i for i in ids if i not in tok.stop_ids]), end="", flush=True)
     out = generate_tree(model, drafter, prompt, tree, args.max_new_tokens,
                         Sampler(args.temperature, args.top_p, args.seed), tok.stop_ids, on_token=show)
-    print(f"\n\nHidden Transfer: {len(out.tokens)} tokens, tau {out.tau:.2f}, "
+    name = "Hidden Transfer" if hasattr(drafter, "layer") else "Medusa"
+    print(f"\n\n{name}: {len(out.tokens)} tokens, tau {out.tau:.2f}, "
           f"{out.tokens_per_s:.1f} tokens/s, tree of {tree.size} nodes "
           f"({describe_machine(args.device)}, {args.dtype})")
     if args.check:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Transformer
+from model import Transformer, linear
 
 
 class Medusa(nn.Module):
@@ -29,7 +29,7 @@ class Medusa(nn.Module):
 
     def forward(self, h_normed: torch.Tensor) -> torch.Tensor:
         """(..., dim) final-normed states -> (..., k, dim) inputs of the LM head, one per head."""
-        u = self.proj(h_normed).unflatten(-1, (self.k, self.dim))  # (..., k, dim)
+        u = (linear(h_normed, self.proj.weight) + self.proj.bias).unflatten(-1, (self.k, self.dim))  # (..., k, dim)
         return h_normed.unsqueeze(-2) + F.silu(u)                   # residual: h + SiLU(U_i h + b_i)
 
     def tree_pass(self, model: Transformer, tokens, pos, tree_mask, n, cache, nodes=None):
@@ -49,4 +49,4 @@ class Medusa(nn.Module):
 
     def draft_logits(self, model: Transformer, state: torch.Tensor) -> torch.Tensor:
         """Head states (k, dim) -> draft logits (k, V). lm_head only: the norm came before the heads."""
-        return model.output(state)
+        return linear(state, model.output.weight)  # model.py's fast CPU product, as model.head uses

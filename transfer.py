@@ -15,7 +15,7 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
-from model import Transformer
+from model import Transformer, linear
 from tree import pseudo_mask, pseudo_positions
 
 
@@ -40,7 +40,10 @@ class HiddenTransfer(nn.Module):
         return {"dim": self.dim, "k": self.k, "layer": self.layer, "bias": self.proj.bias is not None}
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.proj(h).unflatten(-1, (self.k, self.dim))  # (..., dim) -> (..., k, dim)
+        y = linear(h, self.proj.weight)                       # model.py's fast CPU product
+        if self.proj.bias is not None:
+            y = y + self.proj.bias
+        return y.unflatten(-1, (self.k, self.dim))            # (..., dim) -> (..., k, dim)
 
     def tree_pass(self, model: Transformer, tokens, pos, tree_mask, n, cache, nodes=None):
         """One forward pass over N tree nodes plus k pseudo tokens for each of `nodes` (default: all).
