@@ -90,7 +90,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         y = (weight @ torch.cat([rows, torch.zeros_like(rows)]).T)[:, :1]  # (out, 1)
     else:
         y = weight @ rows.T                               # (out, M)
-    return y.T.reshape(*x.shape[:-1], weight.shape[0])    # (..., out)
+    return y.T.contiguous().view(*x.shape[:-1], weight.shape[0])  # (..., out), row-major again
 
 
 # ----------------------------------------------------------------------------- the KV cache
