@@ -245,7 +245,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p)  # its --prompt is not used: the prompts are MT-Bench's
     p.set_defaults(max_new_tokens=MAX_NEW_TOKENS)
-    p.add_argument("--methods", default=METHODS, help="comma list from plain, ht, medusa; plain is required")
+    p.add_argument("--methods", default=None,
+                   help=f"comma list from plain, ht, medusa; plain is required (default: {METHODS}, "
+                        "skipping medusa with a note if its checkpoint is missing)")
     p.add_argument("--prompts", type=int, default=PROMPTS,
                    help="MT-Bench questions, taken round-robin over the categories")
     p.add_argument("--full", action="store_true", help="all 80 MT-Bench questions (overrides --prompts)")
@@ -262,7 +264,8 @@ def parse_args(argv=None):
                    help="measure pass time against tree size instead of running MT-Bench")
     p.add_argument("--out", default="results.json", help="where the results are saved as JSON")
     args = p.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.methods_given = args.methods is not None
+    args.methods = [m.strip() for m in (args.methods or METHODS).split(",") if m.strip()]
     if not set(args.methods) <= {"plain", "ht", "medusa"} or len(set(args.methods)) != len(args.methods):
         p.error(f"--methods {','.join(args.methods)}: list each of plain, ht, medusa at most once")
     if "plain" not in args.methods and not args.latency:
@@ -275,10 +278,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     check_common_args(args)
-    drafting = [m for m in args.methods if m != "plain"]
-    for name in [] if args.untrained else drafting:  # before the slow model load
-        path = args.transfer if name == "ht" else args.medusa
-        if not os.path.exists(path):
+    for name in [] if args.untrained else [m for m in args.methods if m != "plain"]:
+        path = args.transfer if name == "ht" else args.medusa  # checked before the slow model load
+        if not os.path.exists(path) and name == "medusa" and not args.methods_given:
+            print(f"note: no Medusa checkpoint at {path}, so no Medusa baseline this time: make it with "
+                  f"`{TRAIN[name]}`", file=sys.stderr)
+            args.methods.remove(name)
+        elif not os.path.exists(path):
             fail(f"no {KINDS[name]} checkpoint at {path}: make it with `{TRAIN[name]}`, "
                  f"or leave {name} out of --methods (or pass --untrained for a smoke run)")
     if not args.latency:
@@ -290,6 +296,7 @@ def main(argv=None):
             fail(str(e))
         if not picked:
             fail("--prompts 0 leaves nothing to run: pass at least 1")
+    drafting = [m for m in args.methods if m != "plain"]
     model, tok = load(args)
     drafters = load_drafters(model, args, drafting)
     if args.untrained:
