@@ -16,25 +16,18 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from model import causal_mask
 from weights import WeightsError, default_model_path, load_args, load_model, load_state_dict
+from test_model import random_hf_model as tiny_hf_model  # tests/ is on the path under pytest
 
-N_HEADS, N_KV = 4, 2
+N_HEADS, N_KV = 4, 2  # as test_model.random_hf_model
 
 
 def random_hf_model(**overrides) -> LlamaForCausalLM:
-    config = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=N_HEADS, num_key_value_heads=N_KV, max_position_embeddings=256,
-                  rms_norm_eps=1e-5, tie_word_embeddings=False,
-                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(**{**config, **overrides})).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
-    return hf
+    """test_model.py's tiny random LlamaForCausalLM, two layers deep."""
+    return tiny_hf_model(**{"num_hidden_layers": 2, **overrides})
 
 
 def to_pairs(w, n_heads):
