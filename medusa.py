@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import Transformer, linear
+from tree import after_cache
 
 
 class Medusa(nn.Module):
@@ -41,8 +42,7 @@ class Medusa(nn.Module):
         """
         N = tokens.shape[1]
         slots = torch.arange(n, n + N, device=tokens.device)
-        ones = torch.ones(N, n, dtype=torch.bool, device=tokens.device)
-        mask = torch.cat([ones, tree_mask], dim=1).unsqueeze(0)       # (1, N, n + N)
+        mask = after_cache(tree_mask, n)                              # (1, N, n + N)
         h = model.run_layers(model.embed(tokens), pos, mask, slots, cache)[0]  # (N, dim)
         nodes = torch.arange(N, device=tokens.device) if nodes is None else nodes
         return h, self(model.norm(h[nodes]))                          # (N, dim), (len(nodes), k, dim)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from model import Transformer, linear
-from tree import pseudo_mask, pseudo_positions
+from tree import after_cache, pseudo_mask, pseudo_positions
 
 
 def default_layer(n_layers: int) -> int:
@@ -56,9 +56,7 @@ class HiddenTransfer(nn.Module):
         """
         N, t = tokens.shape[1], self.layer
         slots = torch.arange(n, n + N, device=tokens.device)
-        ones = torch.ones(N, n, dtype=torch.bool, device=tokens.device)
-        real_mask = torch.cat([ones, tree_mask], dim=1).unsqueeze(0)   # (1, N, n + N)
-        h = model.run_layers(model.embed(tokens), pos, real_mask, slots, cache, 0, t)
+        h = model.run_layers(model.embed(tokens), pos, after_cache(tree_mask, n), slots, cache, 0, t)
 
         nodes = torch.arange(N, device=tokens.device) if nodes is None else nodes
         pseudo = self(h[:, nodes]).flatten(1, 2)                       # (1, len(nodes)*k, dim)

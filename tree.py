@@ -128,8 +128,7 @@ class Tree:
 
     def attention_mask(self, n: int) -> torch.Tensor:
         """(1, N, n + N) bool: every node sees the n cached tokens, its ancestors and itself."""
-        cache = torch.ones(self.size, n, dtype=torch.bool, device=self.mask.device)
-        return torch.cat([cache, self.mask], dim=1).unsqueeze(0)
+        return after_cache(self.mask, n)
 
     def draw(self) -> str:
         """The tree as indented ASCII, one node per line: [index] and rank."""
@@ -167,6 +166,12 @@ def chain(k: int) -> Tree:
     return Tree([(0,) * j for j in range(1, k + 1)], k=k)
 
 
+def after_cache(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """(R, C) mask over this pass's tokens -> (1, R, n + C): first n cache columns every row sees."""
+    cache = torch.ones(mask.shape[0], n, dtype=torch.bool, device=mask.device)
+    return torch.cat([cache, mask], dim=1).unsqueeze(0)
+
+
 def pseudo_mask(tree_mask: torch.Tensor, n: int, k: int, nodes=None) -> torch.Tensor:
     """Mask of layers t+1..L: (1, N + M*k, n + N + M*k) bool, M = len(nodes) (all N by default).
 
@@ -193,8 +198,7 @@ def pseudo_mask(tree_mask: torch.Tensor, n: int, k: int, nodes=None) -> torch.Te
     # tree_mask[a] already includes a itself (the diagonal), so a row of it is "ancestors of a + a"
     own = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])     # (P, P)
     pseudo = torch.cat([tree_mask[nodes].repeat_interleave(k, 0), own], 1)              # (P, N+P)
-    cache = torch.ones(N + P, n, dtype=torch.bool, device=dev)
-    return torch.cat([cache, torch.cat([real, pseudo], 0)], 1).unsqueeze(0)  # (1, N+P, n+N+P)
+    return after_cache(torch.cat([real, pseudo], 0), n)  # (1, N+P, n+N+P)
 
 
 def pseudo_positions(node_positions: torch.Tensor, k: int) -> torch.Tensor:
