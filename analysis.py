@@ -184,7 +184,7 @@ def main(argv=None):
         train_windows, held_windows = train.load_windows(train_args, model, tok)
         if args.cosine:
             path = train_args.drafter_checkpoint
-            drafter = build_drafter(open_checkpoint(path), path, model, kind="transfer")
+            drafter = build_drafter(open_checkpoint(path, "transfer"), path, model)
             print_similarity(*hidden_similarity(model, drafter, held_windows[:args.windows], train_args),
                              drafter.layer)
     except (OSError, ValueError) as e:

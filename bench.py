@@ -220,7 +220,7 @@ def find_checkpoints(args) -> dict:
     for kind in [m for m in args.methods if m != "plain" and m not in found]:
         path = default_checkpoint(kind)
         if os.path.exists(path):
-            found[kind] = (path, open_checkpoint(path))
+            found[kind] = (path, open_checkpoint(path, kind))
         elif kind != "transfer" and not args.methods_given:
             print(f"note: no {kind} checkpoint at {path}, so no {kind} baseline this time: make it with "
                   f"`{train_command(kind)}`", file=sys.stderr)

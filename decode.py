@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from checkpoint import DRAFTERS, load_drafter
+from checkpoint import DRAFTERS, load_drafter, open_checkpoint
 from generate import (Generation, Sampler, add_common_args, check_common_args, describe_machine,
                       generate, load, sync)
 from model import KVCache
@@ -130,8 +130,10 @@ def main(argv=None):
                         help="also run plain decoding and report whether the outputs are identical")
     args = parser.parse_args(argv)
     check_common_args(args)
-    model, tok = load(args)
     try:
+        if args.drafter_checkpoint and not args.untrained:
+            open_checkpoint(args.drafter_checkpoint, args.drafter)  # a bad file fails before the slow load
+        model, tok = load(args)
         drafter, tree, note = load_drafter(model, args.drafter_checkpoint, args.drafter, args.untrained)
     except ValueError as e:  # checkpoint.CheckpointError: one line naming the file
         sys.exit(f"error: {e}")

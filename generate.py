@@ -3,7 +3,7 @@ Hidden Transfer must reproduce token for token.
 
 Also home to what every script shares: the sampler (one random draw per emitted token, which is
 what makes seeded Hidden Transfer sampling emit the same tokens as seeded plain sampling; see
-METHOD.md), the common command-line flags, and model loading. Read next: decode.py.
+METHOD.md), the common command-line flags, and model loading. Read next: tree.py.
 
     python generate.py --prompt "What is the capital of France? Answer in one sentence."
 """
@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from model import KVCache, Transformer, causal_mask
+from tokenizer import load_tokenizer
+from weights import default_model_path, load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -160,8 +162,6 @@ def check_common_args(args):
 
 def load(args):
     """(model, tokenizer) for --model on --device in --dtype; a bad path is one clear line, exit 1."""
-    from tokenizer import load_tokenizer
-    from weights import default_model_path, load_model
     try:
         path = args.model or default_model_path()
         model = load_model(path, device=args.device, dtype=DTYPES[args.dtype]).eval()

@@ -4,7 +4,7 @@ weights, prompt, length, dtype and machine, measured in one run, alternating, me
 Every speedup in this project is divided by plain decoding's tokens/s, so plain decoding must be
 at least as fast as the usual library's. transformers is a test-time peer only (requirements-test.txt);
 it loads the same GGUF file. Both decode greedily with the end-of-sequence token disabled, so both
-emit exactly --max-new-tokens tokens; the outputs are also compared token for token.
+emit exactly --max-new-tokens tokens; the outputs are also compared token for token. Read next: bench.py.
 
     python hf_baseline.py --max-new-tokens 128 --reps 5
 """

@@ -192,8 +192,8 @@ def restore(args, model, drafter, opt):
     if not os.path.exists(path):
         sys.exit(f"error: --resume: no checkpoint at {path} to continue; drop --resume or fix "
                  "--drafter-checkpoint")
-    ckpt = open_checkpoint(path)
-    build_drafter(ckpt, path, model, args.drafter)  # refuses another model, kind or shape
+    ckpt = open_checkpoint(path, args.drafter)
+    build_drafter(ckpt, path, model)  # refuses another model, config or shape
     changed = [k for k in RUN_KEYS if ckpt.get("train_args", {}).get(k) != getattr(args, k)]
     changed += ["drafter config"] if ckpt["config"] != drafter.config() else []
     if changed:
