@@ -22,6 +22,7 @@ from tree import Tree, chain
 
 # The drafter kinds: --drafter flags, reports and checkpoints' "kind" all use these names.
 DRAFTERS = {HiddenTransfer.kind: HiddenTransfer, Medusa.kind: Medusa}
+OLD_KINDS = {"HiddenTransfer": "transfer", "Medusa": "medusa"}  # read in checkpoints saved before the names
 
 
 def register(cls: type[Drafter]) -> type[Drafter]:
@@ -101,7 +102,9 @@ def open_checkpoint(path: str, kind: str | None = None) -> dict:
     if missing:
         raise CheckpointError(f"{path} is not a drafter checkpoint from train.py: it has no "
                               f"{', '.join(missing)}")
-    if ckpt["kind"] not in DRAFTERS:
+    if isinstance(ckpt["kind"], str):
+        ckpt["kind"] = OLD_KINDS.get(ckpt["kind"], ckpt["kind"])
+    if not isinstance(ckpt["kind"], str) or ckpt["kind"] not in DRAFTERS:
         raise CheckpointError(f"{path} holds a drafter of unknown kind {ckpt['kind']!r} "
                               f"(known: {', '.join(DRAFTERS)})")
     if kind is not None and ckpt["kind"] != kind:
@@ -120,8 +123,8 @@ def build_drafter(ckpt: dict, path: str, model: Transformer) -> Drafter:
     except (KeyError, TypeError, ValueError, RuntimeError):
         raise CheckpointError(f"{path} has a damaged model identity: not a checkpoint train.py wrote") from None
     if not same:
-        raise CheckpointError(f"{path} was trained for a different base model (its config or weights "
-                              f"differ from --model): train one for this model with `{train_command(ckpt['kind'])}`")
+        raise CheckpointError(f"{path} was trained for a different base model (its config or weights differ "
+                              f"from --model): train one for this model with `{train_command(ckpt['kind'])}`")
     try:
         drafter = DRAFTERS[ckpt["kind"]](**ckpt["config"])
         drafter.check(model)

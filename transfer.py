@@ -3,9 +3,8 @@ states of the next k tokens (arXiv 2404.12022; METHOD.md, "Notation").
 
 After transfer layer t, real token p's state h^t_p becomes pseudo tokens h~_(p,i) = W_i h^t_p
 (i = 1..k) at positions p+i. They run through layers t+1..L beside the real tokens, then the LM
-head turns them into drafts for positions p+i+1. `HiddenTransfer.tree_pass` is that one forward
-pass (tree.py draws its mask), `train_pass` the same pseudo tokens over a training window.
-Read next: decode.py, which turns the drafts into accepted tokens.
+head turns them into drafts for positions p+i+1: `tree_pass` in decoding, `train_pass` in
+training (tree.py draws the mask). Read next: decode.py, which turns drafts into accepted tokens.
 """
 
 import torch
@@ -67,7 +66,8 @@ class HiddenTransfer(Drafter):
         slots = torch.arange(n, n + N, device=tokens.device)
         h = model.run_layers(model.embed(tokens), pos, after_cache(tree_mask, n), slots, cache, 0, t)
 
-        nodes = torch.arange(N, device=tokens.device) if nodes is None else torch.as_tensor(nodes, device=tokens.device)
+        nodes = torch.arange(N) if nodes is None else torch.as_tensor(nodes)
+        nodes = nodes.to(tokens.device)
         pseudo = self(h[:, nodes], depth).flatten(1, 2)                  # (1, M*depth, dim)
         h = torch.cat([h, pseudo], dim=1)                                # (1, N + M*depth, dim)
         all_pos = torch.cat([pos, pseudo_positions(pos[nodes], depth)])

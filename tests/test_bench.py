@@ -10,7 +10,7 @@ import torch
 
 import bench
 from checkpoint import save_checkpoint
-from conftest import tiny
+from conftest import FakeTokenizer, tiny
 from generate import Generation
 from latency import latency_curve, latency_report, pass_latency, step_latency
 from medusa import Medusa
@@ -26,19 +26,6 @@ def perturbed(drafter, seed=0):
         drafter.proj.weight.add_(0.3 * torch.randn(drafter.proj.weight.shape, generator=g))
         drafter.proj.bias.normal_(0, 0.1, generator=g)
     return drafter
-
-
-class FakeTokenizer:
-    """Characters <-> ids, a made-up chat format; just enough for bench.run_bench."""
-    stop_ids = {95}
-
-    def encode_chat(self, messages):
-        text = "".join(f"<{m['role'][0]}>{m['content']}" for m in messages) + "<a>"
-        ids = [ord(c) % 90 + 1 for c in text][-48:]  # keep the tiny model's context small
-        return ids, [False] * len(ids)
-
-    def decode(self, ids):
-        return "".join(chr(32 + i % 90) for i in ids)
 
 
 PROMPTS = [("writing", ["Write a poem.", "Shorter, please."]), ("math", ["What is 2 + 2?"]),

@@ -9,7 +9,7 @@ import torch
 
 import train
 from checkpoint import build_drafter, load_drafter, open_checkpoint
-from conftest import tiny
+from conftest import fake_windows, tiny
 from decode import generate_tree
 from generate import Sampler, generate
 from medusa import Medusa
@@ -22,22 +22,6 @@ T = 24  # window length of the fake data
 def load_checkpoint(path, model):
     ckpt = open_checkpoint(path)
     return build_drafter(ckpt, path, model), ckpt
-
-
-def fake_windows(n, seed=0, vocab=96):
-    """n windows of T tokens: a user turn of 4-8 tokens, then an assistant reply, repeated."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(vocab, (T,), generator=g)
-        mask = torch.zeros(T, dtype=torch.bool)
-        p = 0
-        while p < T:
-            user = int(torch.randint(4, 9, (), generator=g))
-            mask[p + user:p + user + 10] = True
-            p += user + 10
-        out.append((ids, mask))
-    return out
 
 
 def args_for(tmp_path, *flags):
