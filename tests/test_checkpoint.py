@@ -103,6 +103,13 @@ def test_wrong_kind_and_round_trip(tmp_path):
     assert isinstance(build_drafter(open_checkpoint(path), path, model), HiddenTransfer)
 
 
+def test_checkpoints_saved_before_the_kind_names_still_load(tmp_path):
+    model, path = tiny(), tmp_path / "old.pt"
+    save_checkpoint(str(path), Medusa(64, 3), model, {})
+    torch.save({**torch.load(path, weights_only=True), "kind": "Medusa"}, path)  # the class name, as once saved
+    assert isinstance(load_drafter(model, str(path), "medusa")[0], Medusa)
+
+
 def test_only_the_default_path_falls_back(tmp_path, monkeypatch):
     model = tiny()
     monkeypatch.chdir(tmp_path)  # no checkpoints/ here
