@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from decode import generate_tree
 from generate import (DTYPES, Generation, Sampler, add_common_args, check_common_args,
-                      describe_machine, generate, load)
+                      describe_machine, fit_context, generate, int_range, load, run_main)
 # pass_latency and step_latency are re-exported: `from bench import pass_latency` works too
 from latency import latency_curve, latency_report, pass_latency, step_latency  # noqa: F401
 from tree import Tree, chain
@@ -38,9 +38,9 @@ WARMUP_TOKENS = 8        # per method, untimed: first calls pay for allocation a
 
 
 def fail(message: str):
-    """A user's mistake: one line on stderr, exit status 2."""
+    """A user's mistake: one line on stderr, exit status 1 (argparse's own errors exit 2)."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(1)
 
 
 def environment(device) -> dict:
@@ -109,13 +109,15 @@ def _one(model, method, prompt, max_new, temperature, top_p, seed, stop_ids) -> 
 
 
 def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, temperature: float = 0.0,
-              top_p: float = 1.0, seed: int = 0) -> dict:
+              top_p: float = 1.0, seed: int = 0, truncate: str | None = None) -> dict:
     """Run every method on every prompt, interleaved, and return the results (see summarize).
 
     methods: {name: (drafter, tree), or None for plain decoding}; "plain" must be among them.
     prompts: [(category, [user turn 1, user turn 2, ...])]; turn 2 follows plain decoding's own
     answer to turn 1, as MT-Bench does, so every method sees the same second prompt.
-    Ctrl-C stops early: the results then hold every prompt that all methods finished.
+    Ctrl-C stops early: the results then hold every prompt that all methods finished. A prompt
+    too long for the model's context raises ValueError (generate.fit_context), or loses its first
+    tokens with truncate="left"; first turns are checked before anything runs.
     """
     if methods.get("plain", 0) is not None:
         raise ValueError("methods must include 'plain': None, the reference for speed and losslessness")
@@ -128,7 +130,9 @@ def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, tem
                                                     "paths": [list(p) for p in v[1].paths[1:]]}
                          for m, v in methods.items()},
                "runs": [], "interrupted": False}
-    first, _ = tok.encode_chat([{"role": "user", "content": prompts[0][1][0]}])
+    extra = max((v[1].size for v in methods.values() if v is not None), default=0)  # the largest tree
+    fit = lambda messages: fit_context(model, tok.encode_chat(messages)[0], max_new_tokens, extra, truncate)
+    first = [fit([{"role": "user", "content": turns[0]}]) for _, turns in prompts][0]
     for method in methods.values():  # warm-up, untimed
         _one(model, method, first, WARMUP_TOKENS, temperature, top_p, seed, tok.stop_ids)
 
@@ -139,7 +143,7 @@ def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, tem
             messages = []
             for turn, text in enumerate(turns, start=1):
                 messages.append({"role": "user", "content": text})
-                ids, _ = tok.encode_chat(messages)
+                ids = fit(messages)
                 run = {"prompt": i, "category": category, "turn": turn, "prompt_tokens": len(ids),
                        "methods": {}}
                 for name, method in methods.items():
@@ -248,7 +252,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=None,
                    help=f"comma list from plain, ht, medusa; plain is required (default: {METHODS}, "
                         "skipping medusa with a note if its checkpoint is missing)")
-    p.add_argument("--prompts", type=int, default=PROMPTS,
+    p.add_argument("--prompts", type=int_range(1), default=PROMPTS,
                    help="MT-Bench questions, taken round-robin over the categories")
     p.add_argument("--full", action="store_true", help="all 80 MT-Bench questions (overrides --prompts)")
     p.add_argument("--both-turns", action="store_true", help="also run each question's follow-up turn")
@@ -294,8 +298,6 @@ def main(argv=None):
             picked = pick_mtbench(questions, len(questions) if args.full else args.prompts)
         except (OSError, ValueError) as e:
             fail(str(e))
-        if not picked:
-            fail("--prompts 0 leaves nothing to run: pass at least 1")
     drafting = [m for m in args.methods if m != "plain"]
     model, tok = load(args)
     drafters = load_drafters(model, args, drafting)
@@ -316,8 +318,11 @@ def main(argv=None):
     else:
         prompts = [(q["category"], q["turns"][:2 if args.both_turns else 1]) for q in picked]
         methods = {m: None if m == "plain" else drafters[m][:2] for m in args.methods}
-        results = run_bench(model, tok, methods, prompts, args.max_new_tokens, args.temperature,
-                            args.top_p, args.seed)
+        try:
+            results = run_bench(model, tok, methods, prompts, args.max_new_tokens, args.temperature,
+                                args.top_p, args.seed, args.truncate)
+        except ValueError as e:  # a prompt too long for the model's context
+            fail(str(e))
         print("\n" + report(results))
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
@@ -330,7 +335,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # outside the measuring loops: nothing was measured yet
-        sys.exit("interrupted before anything was measured")
+    run_main(main)  # Ctrl-C outside the measuring loops (they report what they have): exit 130

@@ -176,7 +176,7 @@ def injected(monkeypatch):
     return model
 
 
-def one_line_exit(capsys, argv, code=2) -> str:
+def one_line_exit(capsys, argv, code=1) -> str:
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
     assert e.value.code == code
@@ -206,7 +206,7 @@ def test_main_latency(injected, tmp_path, capsys):
     (["--transfer", "nowhere/t.pt"], "python train.py`"),
     (["--methods", "plain,medusa", "--medusa", "nowhere/m.pt"], "python train.py --drafter medusa"),
 ])
-def test_missing_checkpoint_is_one_line_and_exit_2(capsys, argv, needle):
+def test_missing_checkpoint_is_one_line_and_exit_1(capsys, argv, needle):
     err = one_line_exit(capsys, argv)
     assert "nowhere/" in err and needle in err
 
