@@ -101,12 +101,15 @@ def fit_context(model: Transformer, prompt: list, max_new_tokens: int, tree_size
     tree = f" + a tree of {tree_size} nodes" if tree_size else ""
     what = (f"{len(prompt)} prompt tokens + {max_new_tokens} new tokens{tree} = {need} tokens, more than "
             f"the model's context of {ctx}")
-    if room < 1:
-        raise ValueError(f"{what}: ask for at most {ctx - tree_size - 1} new tokens (--max-new-tokens)")
+    most = ctx - tree_size - len(prompt)    # the new tokens that would fit after this prompt
+    lower = f"lower --max-new-tokens to {most}" if most >= 1 else "lower --max-new-tokens"
+    if room < 1:  # no prompt at all would fit: cutting it cannot help
+        raise ValueError(f"{what}: {lower}" + ("" if most >= 1 else " and shorten the prompt"))
     if truncate == "left":
         return prompt[-room:]
-    raise ValueError(f"{what}: shorten the prompt, lower --max-new-tokens, or pass --truncate left "
-                     f"to keep the prompt's last {room} tokens")
+    lower = f"{lower}, " if most >= 1 else ""  # with a prompt this long, only cutting it helps
+    raise ValueError(f"{what}: shorten the prompt, {lower}or pass --truncate left to keep the prompt's "
+                     f"last {room} tokens")
 
 
 @torch.no_grad()
