@@ -1,10 +1,9 @@
 """Plain autoregressive decoding: the reference every speedup is divided by, and the output that
 Hidden Transfer must reproduce token for token.
 
-Also home to what every script shares: the sampler (one random draw per emitted token, which is
-what makes seeded Hidden Transfer sampling emit the same tokens as seeded plain sampling; see
-METHOD.md), the context-length check, the common command-line flags and their range-checked
-types, model loading, and run_main (Ctrl-C = one line, exit 130). Read next: decode.py.
+Also what every script shares: the sampler (one draw per emitted token, what keeps seeded Hidden
+Transfer sampling lossless; METHOD.md), the context check, the common range-checked flags, model
+loading, and run_main (Ctrl-C: one line, exit 130). Read next: decode.py.
 
     python generate.py --prompt "What is the capital of France? Answer in one sentence."
 """
