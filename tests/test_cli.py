@@ -47,14 +47,15 @@ class FakeTok:
         return "".join(chr(31 + i) for i in ids if i)
 
 
-def script(name, *argv, **kw):
-    """Run `python name argv...` from the repository root, as a user would."""
+def script(name, *argv):
+    """Start `python name argv...` in the repository root, as a user would."""
     return subprocess.Popen([sys.executable, os.path.join(ROOT, name), *argv], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def exits(capsys, fn, *argv, code=1) -> str:
-    """fn(argv) exits with `code` and one line; returns that line (stderr or the exit message)."""
+    """fn(argv) exits with `code` (sys.exit("error: ...") is status 1) and an error line, no
+    traceback; returns that line."""
     with pytest.raises(SystemExit) as e:
         fn(list(argv))
     assert e.value.code == code or (code == 1 and isinstance(e.value.code, str)), e.value.code
