@@ -23,7 +23,7 @@ from tqdm import tqdm
 import train
 from checkpoint import build_drafter, model_identity, open_checkpoint, save_atomic, save_checkpoint
 from data import encode_conversations, read_sharegpt, split_holdout
-from generate import Sampler, check_common_args, generate, load
+from generate import Sampler, check_common_args, generate, int_range, list_of, load, run_main
 from latency import select_tree
 from model import KVCache, causal_mask
 
@@ -112,12 +112,13 @@ def sweep_layers(model, layers, steps, train_args, train_windows, held_windows):
 
 def regenerate(model, tok, conversations, args):
     """The first user turn of each conversation, answered by the base model itself (--max-new-tokens,
-    --temperature, --top-p as in generate.py); prompts longer than --seq-len are skipped."""
+    --temperature, --top-p as in generate.py); prompts longer than --seq-len, or too long for the
+    model's context with --max-new-tokens after them, are skipped."""
     out = []
     for conv in tqdm(conversations, desc="regenerating replies", unit="conv"):
         turns = conv[:2] if conv[0]["role"] == "system" else conv[:1]
         prompt, _ = tok.encode_chat(turns, add_generation_prompt=True)
-        if len(prompt) <= args.seq_len:
+        if len(prompt) <= min(args.seq_len, model.args.max_seq_len - args.max_new_tokens):
             gen = generate(model, prompt, args.max_new_tokens,
                            Sampler(args.temperature, args.top_p, args.seed), tok.stop_ids)
             out.append(turns + [{"role": "assistant", "content": tok.decode(gen.tokens)}])
@@ -166,12 +167,15 @@ def main(argv=None):
                         help="re-time the tree sizes on THIS machine and store the best tree in "
                              "--drafter-checkpoint (train.py does this at the end; rerun it after moving "
                              "a checkpoint)")
-    parser.add_argument("--windows", type=int, default=50, help="held-out windows for --cosine")
-    parser.add_argument("--sweep-layers", default=None, help="transfer layers to compare, e.g. 6,10,15,20,25")
-    parser.add_argument("--sweep-steps", type=int, default=150, help="training steps per layer of the sweep")
-    parser.add_argument("--self-distill", type=int, default=0,
+    parser.add_argument("--windows", type=int_range(1), default=50, help="held-out windows for --cosine")
+    parser.add_argument("--sweep-layers", type=list_of(int_range(1)), default=None,
+                        help="transfer layers to compare, e.g. 6,10,15,20,25")
+    parser.add_argument("--sweep-steps", type=int_range(1), default=150,
+                        help="training steps per layer of the sweep")
+    parser.add_argument("--self-distill", type=int_range(0), default=0,
                         help="compare training on N regenerated first replies with training on ShareGPT's")
-    parser.add_argument("--self-distill-steps", type=int, default=300, help="training steps of each side")
+    parser.add_argument("--self-distill-steps", type=int_range(1), default=300,
+                        help="training steps of each side")
     args, rest = parser.parse_known_args(argv)
     if not (args.cosine or args.select_tree or args.sweep_layers or args.self_distill):
         parser.error("pick an analysis: --cosine, --select-tree, --sweep-layers and/or --self-distill")
@@ -190,12 +194,11 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     if args.sweep_layers:
-        sweep_layers(model, [int(t) for t in args.sweep_layers.split(",")], args.sweep_steps, train_args,
-                     train_windows, held_windows)
+        sweep_layers(model, args.sweep_layers, args.sweep_steps, train_args, train_windows, held_windows)
     if args.self_distill:
         self_distill(model, tok, args.self_distill, args.self_distill_steps, train_args, train_windows,
                      held_windows)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -24,7 +24,7 @@ from checkpoint import DRAFTERS, default_checkpoint, load_drafter, open_checkpoi
 from data import pick_mtbench, read_mtbench
 from decode import generate_tree
 from generate import (DTYPES, Generation, Sampler, add_common_args, check_common_args,
-                      describe_machine, generate, load)
+                      describe_machine, fit_context, generate, int_range, load, run_main)
 from latency import latency_curve, latency_report
 from tree import Tree
 
@@ -108,13 +108,15 @@ def _one(model, method, prompt, max_new, temperature, top_p, seed, stop_ids) -> 
 
 
 def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, temperature: float = 0.0,
-              top_p: float = 1.0, seed: int = 0) -> dict:
+              top_p: float = 1.0, seed: int = 0, truncate: str | None = None) -> dict:
     """Run every method on every prompt, interleaved, and return the results (see summarize).
 
     methods: {name: (drafter, tree), or None for plain decoding}; "plain" must be among them.
     prompts: [(category, [user turn 1, user turn 2, ...])]; turn 2 follows plain decoding's own
     answer to turn 1, as MT-Bench does, so every method sees the same second prompt.
-    Ctrl-C stops early: the results then hold every prompt that all methods finished.
+    Ctrl-C stops early: the results then hold every prompt that all methods finished. A prompt
+    too long for the model's context raises ValueError (generate.fit_context), or loses its first
+    tokens with truncate="left"; first turns are checked before anything runs.
     """
     if methods.get("plain", 0) is not None:
         raise ValueError("methods must include 'plain': None, the reference for speed and losslessness")
@@ -127,7 +129,9 @@ def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, tem
                                                     "paths": [list(p) for p in v[1].paths[1:]]}
                          for m, v in methods.items()},
                "runs": [], "interrupted": False}
-    first, _ = tok.encode_chat([{"role": "user", "content": prompts[0][1][0]}])
+    extra = max((v[1].size for v in methods.values() if v is not None), default=0)  # the largest tree
+    fit = lambda messages: fit_context(model, tok.encode_chat(messages)[0], max_new_tokens, extra, truncate)
+    first = [fit([{"role": "user", "content": turns[0]}]) for _, turns in prompts][0]
     for method in methods.values():  # warm-up, untimed
         _one(model, method, first, WARMUP_TOKENS, temperature, top_p, seed, tok.stop_ids)
 
@@ -138,7 +142,7 @@ def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, tem
             messages = []
             for turn, text in enumerate(turns, start=1):
                 messages.append({"role": "user", "content": text})
-                ids, _ = tok.encode_chat(messages)
+                ids = fit(messages)
                 run = {"prompt": i, "category": category, "turn": turn, "prompt_tokens": len(ids),
                        "methods": {}}
                 for name, method in methods.items():
@@ -254,7 +258,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=None,
                    help=f"comma list from plain, {', '.join(DRAFTERS)}; plain is required (default: "
                         f"{METHODS}, skipping medusa with a note if its checkpoint is missing)")
-    p.add_argument("--prompts", type=int, default=PROMPTS,
+    p.add_argument("--prompts", type=int_range(1), default=PROMPTS,
                    help="MT-Bench questions, taken round-robin over the categories")
     p.add_argument("--full", action="store_true", help="all 80 MT-Bench questions (overrides --prompts)")
     p.add_argument("--both-turns", action="store_true", help="also run each question's follow-up turn")
@@ -279,8 +283,6 @@ def parse_args(argv=None):
         p.error("--methods must include plain: it is the reference for speedup and losslessness")
     if args.latency and args.methods == ["plain"]:
         p.error(f"--latency times drafters: put one of {', '.join(DRAFTERS)} in --methods")
-    if args.prompts < 1 and not (args.full or args.latency):
-        p.error(f"--prompts {args.prompts} leaves nothing to run: pass at least 1")
     return args
 
 
@@ -313,8 +315,11 @@ def main(argv=None):
     else:
         prompts = [(q["category"], q["turns"][:2 if args.both_turns else 1]) for q in picked]
         methods = {m: None if m == "plain" else drafters[m][:2] for m in args.methods}
-        results = run_bench(model, tok, methods, prompts, args.max_new_tokens, args.temperature,
-                            args.top_p, args.seed)
+        try:
+            results = run_bench(model, tok, methods, prompts, args.max_new_tokens, args.temperature,
+                                args.top_p, args.seed, args.truncate)
+        except ValueError as e:  # a prompt too long for the model's context
+            fail(str(e))
         print("\n" + report(results))
     save_atomic(args.out, results)
     print(f"\nsaved {args.out}")
@@ -326,7 +331,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # outside the measuring loops: nothing was measured yet
-        sys.exit("interrupted before anything was measured")
+    run_main(main)  # Ctrl-C outside the measuring loops (they report what they have): exit 130

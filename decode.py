@@ -18,7 +18,7 @@ import torch
 
 from checkpoint import DRAFTERS, load_drafter, open_checkpoint
 from generate import (Generation, Sampler, add_common_args, check_common_args, describe_machine,
-                      generate, load, sync)
+                      encode_prompt, fit_context, generate, load, run_main, sync)
 from model import KVCache
 from tree import Tree
 
@@ -56,6 +56,7 @@ def generate_tree(model, drafter, prompt: list, tree: Tree, max_new_tokens: int,
     """
     if tree.depth > drafter.k:
         raise ValueError(f"the tree is {tree.depth} deep but the drafter drafts only {drafter.k} tokens")
+    fit_context(model, prompt, max_new_tokens, tree.size)  # the last pass holds a whole tree
     dev = model.output.weight.device
     tree = tree.to(dev)  # positions, slots, masks and tokens all come from the tree, on the device
     n = len(prompt)
@@ -143,7 +144,7 @@ def main(argv=None):
             tree = Tree.parse(args.tree, k=drafter.k)
         except ValueError as e:
             sys.exit(f"error: --tree: {e}")
-    prompt, _ = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    prompt = encode_prompt(args, model, tok, tree.size)
     stream = tok.stream()
     show = lambda ids: print(stream.push([i for i in ids if i not in tok.stop_ids]), end="", flush=True)
     out = generate_tree(model, drafter, prompt, tree, args.max_new_tokens,
@@ -165,4 +166,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from checkpoint import (DRAFTERS, build_drafter, default_checkpoint, model_identity, open_checkpoint,
                         save_atomic, save_checkpoint)
 from data import batches, encode_conversations, read_sharegpt, sharegpt_path, split_holdout
-from generate import add_common_args, check_common_args, load
+from generate import add_common_args, check_common_args, float_range, int_range, list_of, load, run_main
 from latency import select_tree
 from tree import chain, expected_tau
 
@@ -236,7 +236,7 @@ def run(args, model, train_windows, held_windows) -> dict:
         bar.close()
         save_checkpoint(out_path, drafter, model, fields())
         print(f"\ninterrupted after step {step}: saved {out_path}; to continue, add --resume")
-        return fields()
+        raise  # saved: now stop the caller too (the command line exits 130, so `&&` chains stop)
     bar.close()
     save_checkpoint(out_path, drafter, model, fields())  # trained: an interrupt from here on loses nothing
 
@@ -275,26 +275,27 @@ def parse_args(argv=None):
                    help="transfer: Hidden Transfer projections; medusa: the Medusa-1 baseline heads")
     # 1800 steps of ~0.75 s (B=1, T=256, P=48, t=20, k=3, fp32, 2-core CPU): ~26 min with evaluations.
     # t = 2L/3: lowest held-out KL at every offset in a 150-step sweep over t = 6,10,15,20,25 (analysis.py).
-    p.add_argument("--steps", type=int, default=1800, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per step")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
-    p.add_argument("--positions-per-seq", type=int, default=48,
+    p.add_argument("--steps", type=int_range(1), default=1800, help="optimizer steps")
+    p.add_argument("--batch-size", type=int_range(1), default=1, help="sequences per step")
+    p.add_argument("--seq-len", type=int_range(2), default=256, help="tokens per window (<= context)")
+    p.add_argument("--positions-per-seq", type=int_range(0), default=48,
                    help="training positions drawn per sequence from assistant turns (0 = all)")
-    p.add_argument("--transfer-layer", type=int, default=None,
+    p.add_argument("--transfer-layer", type=int_range(1), default=None,
                    help="t: pseudo tokens start after layer t; None = 2 * n_layers // 3 (20 for SmolLM2)")
-    p.add_argument("--k", type=int, default=3, help="future offsets drafted per token")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (weight decay 0)")
-    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps before the cosine decay")
-    p.add_argument("--offset-weights", default=None, help="loss weights w_i, e.g. 1,0.8,0.6; None = all 1")
-    p.add_argument("--teacher-topk", type=int, default=0,
+    p.add_argument("--k", type=int_range(1, 64), default=3, help="future offsets drafted per token")
+    p.add_argument("--lr", type=float_range(0, lo_open=True), default=1e-3, help="peak AdamW learning rate")
+    p.add_argument("--warmup", type=int_range(0), default=50, help="warm-up steps before the cosine decay")
+    p.add_argument("--offset-weights", type=list_of(float_range(0)), default=None,
+                   help="loss weights w_i, e.g. 1,0.8,0.6; None = all 1")
+    p.add_argument("--teacher-topk", type=int_range(0), default=0,
                    help="KL over the teacher's top-K tokens only, renormalised (0 = full vocabulary)")
     p.add_argument("--sharegpt", default=None, help="ShareGPT json/jsonl; None = the installed one")
-    p.add_argument("--conversations", type=int, default=2000, help="ShareGPT conversations to read")
-    p.add_argument("--holdout", type=int, default=100, help="conversations held out for evaluation")
-    p.add_argument("--eval-windows", type=int, default=100, help="held-out windows evaluated on")
-    p.add_argument("--eval-every", type=int, default=600, help="evaluate, save every N steps (0: at the end)")
-    p.add_argument("--top-r", type=int, default=10, help="draft ranks measured for the acceptance rates")
-    p.add_argument("--tree-sizes", default="1,2,3,4,6,8,12,16,24,32",
+    p.add_argument("--conversations", type=int_range(1), default=2000, help="ShareGPT conversations to read")
+    p.add_argument("--holdout", type=int_range(1), default=100, help="conversations held out for evaluation")
+    p.add_argument("--eval-windows", type=int_range(1), default=100, help="held-out windows evaluated on")
+    p.add_argument("--eval-every", type=int_range(0), default=600, help="eval and save every N steps; 0: end")
+    p.add_argument("--top-r", type=int_range(1), default=10, help="draft ranks measured for acceptance rates")
+    p.add_argument("--tree-sizes", type=list_of(int_range(1)), default="1,2,3,4,6,8,12,16,24,32",
                    help="tree sizes (nodes, root included) to time at the end ('' = keep a chain)")
     p.add_argument("--drafter-checkpoint", default=None,
                    help="where the drafter is saved (and --resume reads it); None = checkpoints/<drafter>.pt")
@@ -305,13 +306,11 @@ def parse_args(argv=None):
     p.set_defaults(**PRESETS.get(p.parse_known_args(argv)[0].preset, {}))  # a preset moves the defaults
     args = p.parse_args(argv)
     args.drafter_checkpoint = args.drafter_checkpoint or default_checkpoint(args.drafter)
-    args.tree_sizes = [int(n) for n in args.tree_sizes.split(",") if n.strip()]
-    args.offset_weights = ([float(w) for w in args.offset_weights.split(",")] if args.offset_weights
-                           else [1.0] * args.k)
+    args.offset_weights = args.offset_weights or [1.0] * args.k
     if len(args.offset_weights) != args.k:
         p.error(f"--offset-weights needs {args.k} numbers (one per offset), got {len(args.offset_weights)}")
-    if min(args.steps, args.batch_size, args.k, args.seq_len - args.k - 1) < 1 or args.positions_per_seq < 0:
-        p.error("need positive --steps, --batch-size, --k; --seq-len > k + 1; --positions-per-seq >= 0")
+    if args.seq_len < args.k + 2:  # every window needs a position with k targets after it
+        p.error(f"--seq-len {args.seq_len} must be more than --k + 1 = {args.k + 1}")
     return args
 
 
@@ -330,4 +329,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -84,6 +84,8 @@ class Tree:
             paths = [tuple(int(r) for r in p.split(",")) for p in text.split(";") if p.strip()]
         except ValueError:
             raise ValueError(f"tree {text!r} must look like '0;0,0;1' (paths split by ';', ranks by ',')")
+        if not paths:  # the root alone drafts nothing: never what a user typing a tree meant
+            raise ValueError(f"tree {text!r} has no paths: name at least one, e.g. '0' or '0;0,0;1'")
         return cls(paths, k=k, top_r=top_r)
 
     def path_to(self, i: int) -> list[int]:
@@ -306,14 +308,15 @@ def main(args):
 
 
 if __name__ == "__main__":
+    from generate import int_range, run_main
     parser = argparse.ArgumentParser(description="Print a token tree, its buffers and its masks.")
     parser.add_argument("--paths", default="0;1;0,0;0,1;1,0;0,0,0",
                         help="tree paths without the root: ranks split by ',', paths by ';'")
-    parser.add_argument("--k", type=int, default=3, help="draft offsets; no path may be deeper")
-    parser.add_argument("--n", type=int, default=10, help="cached tokens, for positions and slots")
+    parser.add_argument("--k", type=int_range(1, 64), default=3, help="draft offsets; no path may be deeper")
+    parser.add_argument("--n", type=int_range(0), default=10, help="cached tokens, for positions and slots")
     parser.add_argument("--pseudo", action="store_true",
                         help="also print the pseudo-token mask of the layers after the transfer layer")
     try:
-        main(parser.parse_args())
+        run_main(lambda: main(parser.parse_args()))
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
