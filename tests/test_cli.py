@@ -137,10 +137,8 @@ def test_bench_checks_every_first_turn_before_any_work():
 
 
 def test_training_windows_longer_than_the_context_are_refused(monkeypatch, capsys):
-    import tokenizer
-    import weights
-    monkeypatch.setattr(weights, "load_model", lambda *a, **kw: tiny(ctx=256))
-    monkeypatch.setattr(tokenizer, "load_tokenizer", lambda *a, **kw: FakeTok())
+    monkeypatch.setattr(generate, "load_model", lambda *a, **kw: tiny(ctx=256))
+    monkeypatch.setattr(generate, "load_tokenizer", lambda *a, **kw: FakeTok())
     err = exits(capsys, train.main, "--seq-len", "300", "--device", "cpu")
     assert "--seq-len 300 is more than the model's context of 256" in err
 
@@ -217,7 +215,7 @@ def test_bench_reports_what_it_has_then_exits_130(monkeypatch, tmp_path, capsys)
         return real(*a)
     monkeypatch.setattr(bench, "_one", one)
     with pytest.raises(SystemExit) as e:
-        bench.main(["--untrained", "--methods", "plain,ht", "--prompts", "3", "--max-new-tokens", "4",
+        bench.main(["--untrained", "--methods", "plain,transfer", "--prompts", "3", "--max-new-tokens", "4",
                     "--out", str(tmp_path / "r.json"), "--device", "cpu",
                     "--mtbench", mtbench_file(tmp_path / "q.jsonl")])
     saved = json.loads((tmp_path / "r.json").read_text())
@@ -293,10 +291,8 @@ def test_a_malformed_sharegpt_file_names_the_file_the_record_and_the_form(tmp_pa
     empty.write_text("[]")
     with pytest.raises(ValueError, match="empty.json: it holds no records"):
         list(read_sharegpt(str(empty)))
-    import tokenizer
-    import weights
-    monkeypatch.setattr(weights, "load_model", lambda *a, **kw: tiny())
-    monkeypatch.setattr(tokenizer, "load_tokenizer", lambda *a, **kw: FakeTok())
+    monkeypatch.setattr(generate, "load_model", lambda *a, **kw: tiny())
+    monkeypatch.setattr(generate, "load_tokenizer", lambda *a, **kw: FakeTok())
     err = exits(capsys, train.main, "--sharegpt", str(openai), "--seq-len", "24", "--device", "cpu",
                 "--cache-dir", str(tmp_path / "cache"))
     assert err.startswith(f"error: {openai}: none of its 3 records")
