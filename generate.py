@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import KVCache, Transformer, causal_mask
+from model import FORMS, KERNELS, KVCache, Transformer, causal_mask, tune
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -138,6 +138,9 @@ def add_common_args(parser: argparse.ArgumentParser):
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--matmul", default="auto", choices=["auto", *FORMS],
+                        help="CPU form of x @ W.T: the faster one per weight shape, timed at load (auto), "
+                             "or one forced (model.LinearKernels)")
 
 
 def check_common_args(args):
@@ -170,6 +173,8 @@ def load(args):
         sys.exit(f"error: {e}")
     for p in model.parameters():
         p.requires_grad_(False)
+    KERNELS.force = None if args.matmul == "auto" else args.matmul
+    tune(model)  # time both product forms for every weight shape now, not in the first pass
     return model, tok
 
 

@@ -8,6 +8,7 @@ public checkpoints), then generate.py (plain decoding), then decode.py (Hidden T
 """
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -74,23 +75,84 @@ def apply_rope(x, cos, sin):
 
 
 # ----------------------------------------------------------------------------- matrix products
+# x @ W.T has two forms, and which is faster depends on the CPU and its BLAS, so it is measured.
+
+def _linear_form(x, weight):       # x: (M, in) -> (M, out)
+    return F.linear(x, weight)
+
+
+def _transposed_form(x, weight):   # (W @ x.T).T, made row-major again; one row padded to two
+    if x.shape[0] == 1:            # (a one-column product would take the matrix-vector path)
+        return (weight @ torch.cat([x, torch.zeros_like(x)]).T)[:, :1].T.contiguous()
+    return (weight @ x.T).T.contiguous()
+
+
+FORMS = {"linear": _linear_form, "transposed": _transposed_form}
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # decoding, trees of 2-64 nodes, 64+: prefill and training
+
+
+def time_form(form: str, weight: torch.Tensor, rows: int, reps: int = 2) -> float:
+    """Seconds of one product in `form` on `rows` random rows: the fastest of `reps` after a
+    warm-up (other processes on a shared CPU only ever add time, so the minimum is the least
+    disturbed measurement)."""
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    times = []
+    with torch.no_grad():
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            FORMS[form](x, weight)
+            times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+class LinearKernels:
+    """The faster form of x @ W.T on this CPU, per (weight shape, dtype, row bucket), timed once.
+
+    Why measure: on the README's 2-core AMD EPYC, (W @ x.T).T streams the weights 2-3x faster than
+    F.linear for the few rows of decoding; on a 2-core Intel Xeon (MKL, AMX) F.linear is the faster,
+    up to 2.5x at 2 rows (issue 8's tables; README, "Speed notes"). Each new key times both forms
+    (`timer`, median of a few reps) at the bucket's row count and keeps the faster: a few ms per
+    shape. `force` ("linear" or "transposed") skips the timing. Only CPU products come here.
+    """
+
+    def __init__(self, timer=time_form, force: Optional[str] = None):
+        self.timer, self.force, self.table = timer, force, {}  # table: key -> form name
+
+    def key(self, weight: torch.Tensor, rows: int) -> tuple:
+        bucket = next((b for b in ROW_BUCKETS if b >= rows), ROW_BUCKETS[-1])
+        return tuple(weight.shape), weight.dtype, bucket
+
+    def form(self, weight: torch.Tensor, rows: int) -> str:
+        if self.force:
+            return self.force
+        key = self.key(weight, rows)
+        if key not in self.table:
+            self.table[key] = min(FORMS, key=lambda f: self.timer(f, weight, key[-1]))
+        return self.table[key]
+
+
+KERNELS = LinearKernels()  # the one every product consults; tests swap in their own
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T, the product behind every nn.Linear here (weights stay nn.Linear parameters).
-
-    On the CPU it is computed as (weight @ x.T).T: with the few rows of decoding (1 to ~30), the
-    BLAS that ships with torch streams the weights 2-3x faster through that matrix-matrix call
-    than through F.linear or its matrix-vector path, and never slower for more rows (README,
-    "Speed notes"). A single row is padded to two so that it takes the same path.
-    """
+    """x @ weight.T, the product behind every nn.Linear here (weights stay nn.Linear parameters):
+    F.linear on a GPU; on the CPU the form KERNELS measured fastest for this shape and row count."""
     if x.device.type != "cpu":
         return F.linear(x, weight)
     rows = x.reshape(-1, x.shape[-1])                     # (M, in)
-    if rows.shape[0] == 1:
-        y = (weight @ torch.cat([rows, torch.zeros_like(rows)]).T)[:, :1]  # (out, 1)
-    else:
-        y = weight @ rows.T                               # (out, M)
-    return y.T.contiguous().view(*x.shape[:-1], weight.shape[0])  # (..., out), row-major again
+    y = FORMS[KERNELS.form(weight, rows.shape[0])](rows, weight)  # (M, out), row-major
+    return y.view(*x.shape[:-1], weight.shape[0])         # (..., out)
+
+
+def tune(model: nn.Module, rows=ROW_BUCKETS, kernels: Optional[LinearKernels] = None) -> float:
+    """Choose the form for every nn.Linear weight of `model` (a drafter too) and every row bucket
+    now rather than at first use, so no timed pass pays for it. Returns the seconds it took."""
+    kernels, t0 = kernels or KERNELS, time.perf_counter()
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.weight.device.type == "cpu":
+            for r in rows:
+                kernels.form(m.weight.detach(), r)
+    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- the KV cache
