@@ -7,6 +7,7 @@ That is all Hidden Transfer needs from the model (METHOD.md). Read next: weights
 public checkpoints), then generate.py (plain decoding), then decode.py (Hidden Transfer).
 """
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -89,30 +90,40 @@ def _transposed_form(x, weight):   # (W @ x.T).T, made row-major again; one row 
 
 FORMS = {"linear": _linear_form, "transposed": _transposed_form}
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # decoding, trees of 2-64 nodes, 64+: prefill and training
+RING_BYTES, RING_MAX = 48 << 20, 128  # more than the 32 MB last-level cache of the README's CPU
 
 
-def time_form(form: str, weight: torch.Tensor, rows: int, reps: int = 2) -> float:
-    """Seconds of one product in `form` on `rows` random rows: the fastest of `reps` after a
-    warm-up (other processes on a shared CPU only ever add time, so the minimum is the least
-    disturbed measurement)."""
-    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    times = []
+def weight_ring(weight: torch.Tensor):
+    """Copies of `weight`, RING_BYTES in all, handed out in turn forever: each timed product finds
+    its copy in memory, not in cache, as a decoding pass finds its weights."""
+    n = min(RING_MAX, -(-RING_BYTES // (weight.numel() * weight.element_size())))
+    return itertools.cycle(weight.detach().expand(n, *weight.shape).clone())  # of (out, in)
+
+
+def time_form(form: str, ring, rows: int, budget: float = 2e-3) -> float:
+    """Seconds of one product in `form` on `rows` random rows and the ring's next weight: the fastest
+    of the products that fit in `budget` s, timed one by one (at least one; another process on a
+    shared CPU only ever adds time)."""
+    w = next(ring)
+    x, times = torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device), []
     with torch.no_grad():
-        for _ in range(reps + 1):
+        while sum(times) < budget:
             t0 = time.perf_counter()
-            FORMS[form](x, weight)
+            FORMS[form](x, w)
             times.append(time.perf_counter() - t0)
-    return min(times[1:])
+            w = next(ring)
+    return min(times)
 
 
 class LinearKernels:
     """The faster form of x @ W.T on this CPU, per (weight shape, dtype, row bucket), timed once.
 
-    Why measure: on the README's 2-core AMD EPYC, (W @ x.T).T streams the weights 2-3x faster than
-    F.linear for the few rows of decoding; on a 2-core Intel Xeon (MKL, AMX) F.linear is the faster,
-    up to 2.5x at 2 rows (issue 8's tables; README, "Speed notes"). Each new key times both forms
-    (`timer`, median of a few reps) at the bucket's row count and keeps the faster: a few ms per
-    shape. `force` ("linear" or "transposed") skips the timing. Only CPU products come here.
+    Why measure: on the README's 2-core AMD EPYC, (W @ x.T).T streams the weights up to 2x faster
+    than F.linear for 1-8 rows, and is slower from 16 rows on; on a 2-core Intel Xeon (MKL, AMX)
+    F.linear is the faster, up to 2.5x at 2 rows (issue 8; README, "Speed notes"). The first
+    product of a new shape times both forms at every bucket (`timer`) on a ring of copies larger
+    than the cache: in a pass the weights come from memory, and a weight timed hot in cache gives
+    the wrong answer. `force` ("linear" or "transposed") skips the timing. CPU products only.
     """
 
     def __init__(self, timer=time_form, force: Optional[str] = None):
@@ -126,8 +137,10 @@ class LinearKernels:
         if self.force:
             return self.force
         key = self.key(weight, rows)
-        if key not in self.table:
-            self.table[key] = min(FORMS, key=lambda f: self.timer(f, weight, key[-1]))
+        if key not in self.table:  # a new shape or dtype: time every bucket now, on one ring
+            ring = weight_ring(weight)
+            for b in ROW_BUCKETS:
+                self.table[self.key(weight, b)] = min(FORMS, key=lambda f: self.timer(f, ring, b))
         return self.table[key]
 
 
@@ -144,14 +157,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], weight.shape[0])         # (..., out)
 
 
-def tune(model: nn.Module, rows=ROW_BUCKETS, kernels: Optional[LinearKernels] = None) -> float:
-    """Choose the form for every nn.Linear weight of `model` (a drafter too) and every row bucket
-    now rather than at first use, so no timed pass pays for it. Returns the seconds it took."""
+def tune(model: nn.Module, kernels: Optional[LinearKernels] = None) -> float:
+    """Choose the form for every nn.Linear weight shape of `model` (a drafter too) now rather than
+    at its first product, so that no timed pass pays for it. Returns the seconds it took."""
     kernels, t0 = kernels or KERNELS, time.perf_counter()
     for m in model.modules():
         if isinstance(m, nn.Linear) and m.weight.device.type == "cpu":
-            for r in rows:
-                kernels.form(m.weight.detach(), r)
+            kernels.form(m.weight, 1)
     return time.perf_counter() - t0
 
 

@@ -19,7 +19,8 @@ class FakeTimer:
     def __init__(self, seconds):
         self.seconds, self.calls = seconds, []
 
-    def __call__(self, form, weight, rows):
+    def __call__(self, form, ring, rows):
+        weight = next(ring)
         self.calls.append((form, tuple(weight.shape), weight.dtype, rows))
         return self.seconds(form, rows) if callable(self.seconds) else self.seconds[form]
 
@@ -40,7 +41,7 @@ def use_kernels(monkeypatch, kernels):
 
 def test_injected_timings_choose_the_form_that_is_used(monkeypatch, spy):
     # transposed is "faster" up to 4 rows, F.linear beyond: the choice must follow, per bucket
-    timer = FakeTimer(lambda form, rows: (1.0 if rows <= 4 else 3.0) if form == "transposed" else 2.0)
+    timer = FakeTimer(lambda form, rows: 1.0 if (form == "transposed") == (rows <= 4) else 2.0)
     use_kernels(monkeypatch, LinearKernels(timer))
     w = torch.randn(40, 16)
     for rows, expected in ((1, "transposed"), (3, "transposed"), (5, "linear"), (200, "linear")):
@@ -65,21 +66,28 @@ def test_both_forms_agree(rows, dtype):
 
 
 def test_cache_keys_on_shape_dtype_and_row_bucket():
-    timer = FakeTimer({"linear": 2.0, "transposed": 1.0})
+    timer = FakeTimer(lambda form, rows: 1.0 if (form == "transposed") == (rows <= 4) else 2.0)
     k = LinearKernels(timer)
     w = torch.randn(40, 16)
     assert k.form(w, 3) == "transposed"
-    assert timer.calls == [("linear", (40, 16), torch.float32, 4), ("transposed", (40, 16), torch.float32, 4)]
-    k.form(w, 4)                      # same bucket (3 and 4 -> 4): cached, not timed again
-    k.form(torch.randn(40, 16), 3)    # another weight of the same shape shares the entry
-    k.form(w, 500)
-    k.form(w, 64)                     # 500 rows and 64 rows: both the last bucket
-    assert len(timer.calls) == 4
+    # a new shape times both forms at every bucket, once
+    assert timer.calls == [(f, (40, 16), torch.float32, b) for b in model.ROW_BUCKETS for f in FORMS]
+    assert [k.form(w, rows) for rows in (1, 2, 4, 5, 8, 64, 500)] == ["transposed"] * 3 + ["linear"] * 4
+    k.form(torch.randn(40, 16), 3)    # another weight of the same shape shares the entries
+    n = len(timer.calls)
     k.form(torch.randn(16, 40), 3)    # a different shape is tuned separately
     k.form(w.bfloat16(), 3)           # and so is a different dtype
-    assert len(timer.calls) == 8
-    assert set(k.table) == {((40, 16), torch.float32, 4), ((40, 16), torch.float32, 64),
-                            ((16, 40), torch.float32, 4), ((40, 16), torch.bfloat16, 4)}
+    assert len(timer.calls) == 3 * n
+    assert {key[:2] for key in k.table} == {((40, 16), torch.float32), ((16, 40), torch.float32),
+                                            ((40, 16), torch.bfloat16)}
+    assert k.key(w, 3) == ((40, 16), torch.float32, 4) and k.key(w, 500)[2] == 64
+
+
+def test_the_ring_hands_out_copies_of_the_weight():
+    w = torch.randn(8, 16)
+    ring = model.weight_ring(w)
+    a, b = next(ring), next(ring)
+    assert torch.equal(a, w) and torch.equal(b, w) and a.data_ptr() != b.data_ptr() != w.data_ptr()
 
 
 def test_forced_form_times_nothing(monkeypatch, spy):
@@ -113,7 +121,7 @@ def test_whole_model_same_logits_with_either_form(monkeypatch):
 
 
 def test_the_real_timer_returns_seconds():
-    assert 0 < model.time_form("linear", torch.randn(8, 16), 2) < 1
+    assert 0 < model.time_form("linear", model.weight_ring(torch.randn(8, 16)), 2) < 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
