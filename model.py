@@ -118,12 +118,12 @@ def time_form(form: str, ring, rows: int, budget: float = 2e-3) -> float:
 class LinearKernels:
     """The faster form of x @ W.T on this CPU, per (weight shape, dtype, row bucket), timed once.
 
-    Why measure: on the README's 2-core AMD EPYC, (W @ x.T).T streams the weights up to 2x faster
-    than F.linear for 1-8 rows, and is slower from 16 rows on; on a 2-core Intel Xeon (MKL, AMX)
-    F.linear is the faster, up to 2.5x at 2 rows (issue 8; README, "Speed notes"). The first
-    product of a new shape times both forms at every bucket (`timer`) on a ring of copies larger
-    than the cache: in a pass the weights come from memory, and a weight timed hot in cache gives
-    the wrong answer. `force` ("linear" or "transposed") skips the timing. CPU products only.
+    Why measure: on the README's 2-core AMD EPYC, in fp32, (W @ x.T).T is up to 3x faster than
+    F.linear for 1-4 rows and slower from 16 rows on; in bf16 F.linear wins at every row count; on
+    a 2-core Intel Xeon (MKL, AMX) F.linear wins, 2-3x at 2 rows (README, "Speed notes";
+    issue 8). The first product of a new shape times both forms at every bucket (`timer`) on a
+    ring of copies larger than the cache: in a pass the weights come from memory, and a weight
+    timed hot in cache gives the wrong answer. `force` ("linear" or "transposed") skips the timing.
     """
 
     def __init__(self, timer=time_form, force: Optional[str] = None):
