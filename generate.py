@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import KVCache, Transformer, causal_mask
+from model import FORMS, KERNELS, KVCache, Transformer, causal_mask, tune
 from tokenizer import load_tokenizer
 from weights import default_model_path, load_model
 
@@ -210,6 +210,9 @@ def add_common_args(parser: argparse.ArgumentParser):
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations")
     parser.add_argument("--threads", type=int_range(1, 1024), default=None,
                         help="CPU threads (default: torch's)")
+    parser.add_argument("--matmul", default="auto", choices=["auto", *FORMS],
+                        help="CPU form of x @ W.T: the faster one per weight shape, timed at load (auto), "
+                             "or one forced (model.LinearKernels)")
 
 
 def check_common_args(args):
@@ -246,6 +249,8 @@ def load(args):
                  f"{model.args.max_seq_len} tokens; lower --seq-len")
     for p in model.parameters():
         p.requires_grad_(False)
+    KERNELS.force = None if args.matmul == "auto" else args.matmul
+    tune(model)  # time both product forms for every weight shape now, not in the first pass
     return model, tok
 
 

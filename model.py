@@ -7,7 +7,9 @@ That is all Hidden Transfer needs from the model (METHOD.md). Read next: weights
 public checkpoints), then generate.py (plain decoding), then decode.py (Hidden Transfer).
 """
 
+import itertools
 import math
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -74,23 +76,95 @@ def apply_rope(x, cos, sin):
 
 
 # ----------------------------------------------------------------------------- matrix products
+# x @ W.T has two forms, and which is faster depends on the CPU and its BLAS, so it is measured.
+
+def _linear_form(x, weight):       # x: (M, in) -> (M, out)
+    return F.linear(x, weight)
+
+
+def _transposed_form(x, weight):   # (W @ x.T).T, made row-major again; one row padded to two
+    if x.shape[0] == 1:            # (a one-column product would take the matrix-vector path)
+        return (weight @ torch.cat([x, torch.zeros_like(x)]).T)[:, :1].T.contiguous()
+    return (weight @ x.T).T.contiguous()
+
+
+FORMS = {"linear": _linear_form, "transposed": _transposed_form}
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # decoding, trees of 2-64 nodes, 64+: prefill and training
+RING_BYTES, RING_MAX = 48 << 20, 128  # more than the 32 MB last-level cache of the README's CPU
+
+
+def weight_ring(weight: torch.Tensor):
+    """Copies of `weight`, RING_BYTES in all, handed out in turn forever: each timed product finds
+    its copy in memory, not in cache, as a decoding pass finds its weights."""
+    n = min(RING_MAX, -(-RING_BYTES // (weight.numel() * weight.element_size())))
+    return itertools.cycle(weight.detach().expand(n, *weight.shape).clone())  # of (out, in)
+
+
+def time_form(form: str, ring, rows: int, budget: float = 2e-3) -> float:
+    """Seconds of one product in `form` on `rows` random rows and the ring's next weight: the fastest
+    of the products that fit in `budget` s, timed one by one (at least one; another process on a
+    shared CPU only ever adds time)."""
+    w = next(ring)
+    x, times = torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device), []
+    with torch.no_grad():
+        while sum(times) < budget:
+            t0 = time.perf_counter()
+            FORMS[form](x, w)
+            times.append(time.perf_counter() - t0)
+            w = next(ring)
+    return min(times)
+
+
+class LinearKernels:
+    """The faster form of x @ W.T on this CPU, per (weight shape, dtype, row bucket), timed once.
+
+    Why measure: on the README's 2-core AMD EPYC, in fp32, (W @ x.T).T is up to 3x faster than
+    F.linear for 1-4 rows and slower from 16 rows on; in bf16 F.linear wins at every row count; on
+    a 2-core Intel Xeon (MKL, AMX) F.linear wins, 2-3x at 2 rows (README, "Speed notes";
+    issue 8). The first product of a new shape times both forms at every bucket (`timer`) on a
+    ring of copies larger than the cache: in a pass the weights come from memory, and a weight
+    timed hot in cache gives the wrong answer. `force` ("linear" or "transposed") skips the timing.
+    """
+
+    def __init__(self, timer=time_form, force: Optional[str] = None):
+        self.timer, self.force, self.table = timer, force, {}  # table: key -> form name
+
+    def key(self, weight: torch.Tensor, rows: int) -> tuple:
+        bucket = next((b for b in ROW_BUCKETS if b >= rows), ROW_BUCKETS[-1])
+        return tuple(weight.shape), weight.dtype, bucket
+
+    def form(self, weight: torch.Tensor, rows: int) -> str:
+        if self.force:
+            return self.force
+        key = self.key(weight, rows)
+        if key not in self.table:  # a new shape or dtype: time every bucket now, on one ring
+            ring = weight_ring(weight)
+            for b in ROW_BUCKETS:
+                self.table[self.key(weight, b)] = min(FORMS, key=lambda f: self.timer(f, ring, b))
+        return self.table[key]
+
+
+KERNELS = LinearKernels()  # the one every product consults; tests swap in their own
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T, the product behind every nn.Linear here (weights stay nn.Linear parameters).
-
-    On the CPU it is computed as (weight @ x.T).T: with the few rows of decoding (1 to ~30), the
-    BLAS that ships with torch streams the weights 2-3x faster through that matrix-matrix call
-    than through F.linear or its matrix-vector path, and never slower for more rows (README,
-    "Speed notes"). A single row is padded to two so that it takes the same path.
-    """
+    """x @ weight.T, the product behind every nn.Linear here (weights stay nn.Linear parameters):
+    F.linear on a GPU; on the CPU the form KERNELS measured fastest for this shape and row count."""
     if x.device.type != "cpu":
         return F.linear(x, weight)
     rows = x.reshape(-1, x.shape[-1])                     # (M, in)
-    if rows.shape[0] == 1:
-        y = (weight @ torch.cat([rows, torch.zeros_like(rows)]).T)[:, :1]  # (out, 1)
-    else:
-        y = weight @ rows.T                               # (out, M)
-    return y.T.contiguous().view(*x.shape[:-1], weight.shape[0])  # (..., out), row-major again
+    y = FORMS[KERNELS.form(weight, rows.shape[0])](rows, weight)  # (M, out), row-major
+    return y.view(*x.shape[:-1], weight.shape[0])         # (..., out)
+
+
+def tune(model: nn.Module, kernels: Optional[LinearKernels] = None) -> float:
+    """Choose the form for every nn.Linear weight shape of `model` (a drafter too) now rather than
+    at its first product, so that no timed pass pays for it. Returns the seconds it took."""
+    kernels, t0 = kernels or KERNELS, time.perf_counter()
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.weight.device.type == "cpu":
+            kernels.form(m.weight, 1)
+    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- the KV cache
