@@ -1,11 +1,9 @@
-"""Grade an assignment: run its checks (assignments/checks/check_N.py) and print one line each.
+"""Grade an assignment (`python assignments/grade.py 3`, or `all`) in a student copy or the reference.
 
-    python assignments/grade.py 3        # in a student copy made by make.py, or in the reference
-    python assignments/grade.py all
-
-Checks use tiny random models and slow, independent references (a brute-force mask, a plain
-causal forward, plain decoding), so they judge behaviour and run in seconds. Exit status 0 only
-when every check passes. Handouts: assignments/N-*.md.
+Runs assignments/checks/check_N.py and prints PASS or FAIL (with a hint) per check; exit status 0
+only when all pass. The checks use tiny random models and independent references (brute-force
+masks, a plain causal forward, plain decoding), so they judge behaviour in seconds. Read next:
+checks/common.py.
 """
 
 import argparse

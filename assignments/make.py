@@ -1,12 +1,8 @@
-"""Make a student copy of this repository: the functions of an assignment lose their bodies.
+"""Make a student copy of this repository (`python assignments/make.py 3 --out ../ht-a3`, or `all`).
 
-    python assignments/make.py 3 --out ../ht-a3      # assignment 3 only
-    python assignments/make.py all --out ../ht-all   # every assignment's functions cut
-
-Functions are found by name with `ast` (the reference code carries no markers): each keeps its
-signature and docstring, and its body becomes `raise NotImplementedError("assignment N: ...")`.
-Everything else is copied as is, so the scripts around the hole still run. The instructors'
-key and the grader's own tests (which quote the reference code) are left out of the copy.
+The assignment's functions, found by name with `ast` (the code carries no markers), keep their
+signature and docstring; their body becomes `raise NotImplementedError("assignment N: ...")`.
+Everything else is copied as is, except the key and the grader's tests. Read next: grade.py.
 """
 
 import argparse
@@ -85,7 +81,8 @@ def cut(source: str, qualnames: list[str], n: int, path: str = "<source>") -> st
             and isinstance(body[0].value.value, str)
         first = body[1] if doc and len(body) > 1 else (None if doc else body[0])
         indent = " " * body[0].col_offset
-        stub = f'{indent}raise NotImplementedError("assignment {n}: implement {q} ({HANDOUTS[n]})")\n'
+        what = f"{path.removesuffix('.py')}.{q}"
+        stub = f'{indent}raise NotImplementedError("assignment {n}: implement {what} (assignments/{HANDOUTS[n]})")\n'
         if first is None:  # a docstring alone: add the stub after it
             lines.insert(body[0].end_lineno, stub)
         else:
