@@ -4,7 +4,8 @@ brute-force mask, the model's own full forward, and the KL written out term by t
 import torch
 import torch.nn.functional as F
 
-from common import check, close, expect, final_states, random_transfer, tiny_model
+from common import (check, close, expect, final_states, random_transfer, tiny_model, training_mask,
+                    training_pseudo_states)
 
 POSITIONS = torch.tensor([[0, 3, 6], [2, 5, 9]])  # (B, P): sorted training positions per sequence
 
@@ -12,7 +13,6 @@ POSITIONS = torch.tensor([[0, 3, 6], [2, 5, 9]])  # (B, P): sorted training posi
 @check("rows are pseudo tokens (p,1)..(p,k) per chosen p; columns [T real tokens | pseudo tokens]; "
        "pseudo (p,i) sees real tokens 0..p (p included) and (p,j<=i) only")
 def check_training_mask_brute_force():
-    from train import training_mask
     for k, T in [(1, 10), (3, 12)]:
         B, P = POSITIONS.shape
         got = training_mask(POSITIONS, k, T)
@@ -29,15 +29,13 @@ def check_training_mask_brute_force():
 
 
 @check("pseudo states in training must equal decoding's: a causal forward from layer t over "
-       "[x_0..x_p | (p,1)..(p,k)] (your mask drives train.draft_states)")
+       "[x_0..x_p | (p,1)..(p,k)] (your mask drives the training pass)")
 def check_pseudo_states_match_reference():
-    from train import draft_states, frozen_pass
     model, T = tiny_model(1), 12
     ht = random_transfer(model, 2)
     ids = torch.randint(0, model.args.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        h_t, h_L, cache = frozen_pass(model, ht, ids)
-        states = draft_states(model, ht, h_t, h_L, cache, POSITIONS)          # (B, P, k, d)
+        states = training_pseudo_states(model, ht, ids, POSITIONS)            # (B, P, k, d)
     for b in range(2):
         for m, p in enumerate(POSITIONS[b].tolist()):
             seq = ids[b, :p + 1].tolist()

@@ -66,6 +66,23 @@ def final_states(model, tokens: list, start: int = 0, stop=None, h=None, pos=Non
     return model.run_layers(h[None], pos, causal(T)[None], start=start, stop=stop)[0]
 
 
+# ----------------------------------------------------------------------------- training entry points
+# The checks reach training through these two functions only, so a refactor of train.py changes
+# this block (and make.py's table), not the checks.
+
+def training_mask(positions: torch.Tensor, k: int, T: int) -> torch.Tensor:
+    """(B, P*k, T + P*k) bool: what training's pseudo tokens may attend to in layers t+1..L."""
+    import train
+    return train.training_mask(positions, k, T)
+
+
+def training_pseudo_states(model, drafter, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, P, k, dim): the final states of the pseudo tokens of `positions` (B, P) in windows ids."""
+    import train
+    h_t, h_L, cache = train.frozen_pass(model, drafter, ids)
+    return train.draft_states(model, drafter, h_t, h_L, cache, positions)
+
+
 # ----------------------------------------------------------------------------- random trees
 
 def random_paths(seed: int, size: int, k: int = 3, top_r: int = 3) -> list:
@@ -99,8 +116,8 @@ def oracle_drafter(model, reference: list, layer: int = 2, k: int = 3, seed: int
     from transfer import HiddenTransfer
 
     class Oracle(HiddenTransfer):
-        def tree_pass(self, model, tokens, pos, tree_mask, n, cache, nodes=None):
-            hidden, _ = super().tree_pass(model, tokens, pos, tree_mask, n, cache, nodes)
+        def tree_pass(self, model, tokens, pos, tree_mask, n, cache, nodes=None, **kw):
+            hidden, _ = super().tree_pass(model, tokens, pos, tree_mask, n, cache, nodes, **kw)
             nodes = torch.arange(tokens.shape[1]) if nodes is None else nodes
             return hidden, pos[nodes]  # a node's "state" is its position
 
