@@ -1,0 +1,146 @@
+"""Assignment 4: decode.accept (the acceptance walk) and decode.generate_tree (the step loop,
+cache compaction), against a brute-force walk and plain decoding, greedy and seeded."""
+
+import random
+
+import torch
+
+from common import cache_equals_prefill, check, expect, oracle_drafter, random_paths, random_transfer, tiny_model
+
+TREES = [[(0,), (0, 0), (0, 0, 0)], [(0,), (1,), (2,), (0, 0), (1, 0)],
+         [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 1, 0), (0, 0, 1)]]
+
+
+def brute_force_walk(paths, node_tokens, choice, budget, stop_ids):
+    """The accepted path is the deepest node whose every edge carries the target's choice at its
+    parent; emitted = those choices plus the choice at that node; then cut at a stop or budget."""
+    index = {p: i for i, p in enumerate(paths)}
+    def agrees(p):  # every edge root..p carries the choice made at its upper end
+        return all(node_tokens[index[p[:j + 1]]] == choice[index[p[:j]]] for j in range(len(p)))
+    last = max((p for p in paths if agrees(p)), key=len)
+    path = [index[last[:j]] for j in range(len(last) + 1)]
+    emitted = [choice[v] for v in path]
+    for j, y in enumerate(emitted):
+        if y in stop_ids or j + 1 == budget:
+            return path[:j + 1], emitted[:j + 1]
+    return path, emitted
+
+
+def random_walk_cases():
+    from tree import Tree
+    rng = random.Random(0)
+    for seed in range(40):
+        tree = Tree(random_paths(seed, 1 + seed % 9), k=3)
+        paths = [tuple(p) for p in tree.paths]
+        tokens = [None] + [rng.randrange(6) for _ in paths[1:]]
+        for v in range(1, len(paths)):  # siblings carry distinct tokens, as top-k drafts do
+            while any(tokens[c] == tokens[v] for c in tree.children[int(tree.parents[v])] if c < v):
+                tokens[v] = rng.randrange(6)
+        choice = [rng.choice([tokens[c] for c in tree.children[v]] + [rng.randrange(6)])
+                  if tree.children[v] and rng.random() < 0.8 else rng.randrange(6) for v in range(len(paths))]
+        budget, stops = rng.choice([1, 2, 3, 10]), rng.choice([(), (0,), (5,)])
+        yield tree, paths, tokens, choice, budget, stops
+
+
+@check("accept: from the root, while a child of v carries choose(v), move to it; the first choice that "
+       "no child carries is emitted too (the bonus token). Stop at a stop token or the budget-th token")
+def check_accept_walk():
+    from decode import accept
+    for tree, paths, tokens, choice, budget, stops in random_walk_cases():
+        got = accept([list(c) for c in tree.children], tokens, choice.__getitem__, budget, stops)
+        want = brute_force_walk(paths, tokens, choice, budget, stops)
+        expect(tuple(map(list, got)) == want, f"accept on {paths[1:]} with node tokens {tokens[1:]}, "
+               f"choices {choice}, budget {budget}, stops {stops}: got {got}, expected {want}")
+
+
+@check("choose(v) must be called exactly once per emitted token, in walk order (each call may consume "
+       "one random draw): never for nodes off the accepted path")
+def check_accept_calls_choose_once_per_emitted_token():
+    from decode import accept
+    for tree, paths, tokens, choice, budget, stops in random_walk_cases():
+        calls = []
+        path, emitted = accept([list(c) for c in tree.children], tokens,
+                               lambda v: calls.append(v) or choice[v], budget, stops)
+        expect(calls == list(path) and len(calls) == len(emitted),
+               f"choose was called for nodes {calls}; the walk emitted {len(emitted)} tokens along {path}")
+
+
+@check("greedy decoding with any tree must emit exactly plain decoding's tokens, max_new_tokens of them")
+def check_greedy_lossless():
+    from decode import generate_tree
+    from generate import Sampler, generate
+    from tree import Tree
+    model, prompt = tiny_model(3), [4, 8, 15, 16, 23, 42]
+    for i, paths in enumerate(TREES):
+        for max_new in (1, 2, 17):
+            ref = generate(model, prompt, max_new, Sampler()).tokens
+            for drafter in (oracle_drafter(model, prompt + ref, seed=i), random_transfer(model, 2, seed=i)):
+                out = generate_tree(model, drafter, prompt, Tree(paths, k=3), max_new, Sampler())
+                expect(out.tokens == ref, f"tree {paths}, max_new_tokens {max_new}: {out.tokens} != plain {ref}")
+
+
+@check("after every step the cache's first n slots must equal a fresh prefill of the n accepted tokens: "
+       "move the accepted path's K/V from slots n+path to n, n+1, ... and call on_step(cache, n)")
+def check_cache_compaction():
+    from decode import generate_tree
+    from generate import Sampler, generate
+    from tree import Tree
+    model, prompt = tiny_model(3), [4, 8, 15, 16, 23, 42]
+    ref = generate(model, prompt, 24, Sampler()).tokens
+    for i, paths in enumerate(TREES):
+        emitted, steps = [], []
+        hook = cache_equals_prefill(model, lambda: prompt + emitted)
+        generate_tree(model, oracle_drafter(model, prompt + ref, seed=i), prompt, Tree(paths, k=3), 24, Sampler(),
+                      on_token=emitted.extend, on_step=lambda c, n: steps.append(n) or hook(c, n))
+        expect(len(steps) > 3, f"on_step was called {len(steps)} times; call it after every step")
+
+
+@check("each pass records how many drafts it accepted (Generation.accepted), and the next drafts come "
+       "from the LAST accepted node's pseudo tokens: with perfect drafts a 3-deep chain accepts 3 per pass")
+def check_accepted_counts_with_perfect_drafts():
+    from decode import generate_tree
+    from generate import Sampler, generate
+    from tree import Tree
+    model, prompt = tiny_model(3), [4, 8, 15, 16, 23, 42]
+    ref = generate(model, prompt, 41, Sampler()).tokens
+    out = generate_tree(model, oracle_drafter(model, prompt + ref, perfect=True), prompt, Tree(TREES[0], k=3),
+                        41, Sampler())
+    expect(out.tokens == ref, "output differs from plain decoding")
+    expect(out.accepted == [3] * 10, f"accepted per pass {out.accepted}; with drafts that are always right, "
+           "every pass of a 3-deep chain accepts 3 (40 tokens after the prefill's one = 10 passes)")
+
+
+@check("seeded sampling: ONE draw per emitted token, in emission order, from the sampler's generator; "
+       "a draw per tree node (or per pass) changes the tokens")
+def check_seeded_sampling_lossless():
+    from decode import generate_tree
+    from generate import Sampler, generate
+    from tree import Tree
+    model, prompt = tiny_model(5, vocab_size=16), [3, 1, 4, 1, 5]
+    for temp, top_p in [(0.7, 0.9), (1.0, 1.0)]:
+        for seed in range(3):
+            ref = generate(model, prompt, 20, Sampler(temp, top_p, seed)).tokens
+            for paths in TREES[1:]:
+                out = generate_tree(model, oracle_drafter(model, prompt + ref, seed=seed), prompt,
+                                    Tree(paths, k=3), 20, Sampler(temp, top_p, seed))
+                expect(out.tokens == ref, f"temperature {temp}, top_p {top_p}, seed {seed}, tree {paths}: "
+                       f"{out.tokens} != seeded plain {ref}")
+
+
+@check("a stop token ends generation right after it, even in the middle of an accepted path")
+def check_stops_inside_a_step():
+    from decode import generate_tree
+    from generate import Sampler, generate
+    from tree import Tree
+    model, prompt = tiny_model(4), [1, 2, 3]
+    full = generate(model, prompt, 30, Sampler()).tokens
+    tried = 0
+    for cut in (3, 7, 12, 18):
+        stop = {full[cut]} - set(full[:cut])
+        if stop:
+            tried += 1
+            out = generate_tree(model, oracle_drafter(model, prompt + full), prompt, Tree(TREES[0], k=3), 30,
+                                Sampler(), stop_ids=stop)
+            expect(out.tokens == full[:cut + 1], f"stop token {stop}: got {len(out.tokens)} tokens, "
+                   f"expected {cut + 1}")
+    expect(tried > 0, "internal: no usable stop token")

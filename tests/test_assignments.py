@@ -1,0 +1,144 @@
+"""The course assignments' grader is itself tested: the reference passes every check, a student
+copy from assignments/make.py fails, and plausible wrong solutions (planted as small edits of the
+reference) each fail at least one check. A grader that passes a wrong solution is a defect.
+
+A planted edit must match the reference exactly once: when a refactor moves the code, the test
+fails loudly instead of passing without planting anything. This file is left out of student copies.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "assignments"))
+
+import make  # noqa: E402  (assignments/make.py)
+
+# assignment -> [(file, reference text, wrong text, the mistake)]
+PLANTED = {
+    1: [("model.py", "q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)",
+         "q, k = apply_rope(q, cos, sin), k", "RoPE on the queries only"),
+        ("model.py", "        self.v[:, :, :, dst] = self.v[:, :, :, src]\n", "",
+         "the cache move copies keys but not values"),
+        ("model.py", "y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1),\n"
+                     "                                           enable_gqa=self.n_kv != self.n_heads)",
+         "g = self.n_heads // self.n_kv\n        y = F.scaled_dot_product_attention("
+         "q, k.repeat(1, g, 1, 1), v.repeat(1, g, 1, 1), attn_mask=mask.unsqueeze(1))",
+         "kv heads tiled with repeat instead of repeat_interleave"),
+        ("model.py", "ck.index_copy_(2, slots, k[:, :, :n_cached])\n                cv.index_copy_(2, slots, "
+                     "v[:, :, :n_cached])",
+         "ck[:, :, :n_cached] = k[:, :, :n_cached]\n                cv[:, :, :n_cached] = v[:, :, :n_cached]",
+         "K/V written to the first slots instead of the given ones")],
+    2: [("tree.py", "return n + self.depths", "return n + torch.arange(self.size, device=self.depths.device)",
+         "siblings given different positions"),
+        ("tree.py", "self.mask[i, self.path_to(i)] = True", "self.mask[i, self.path_to(i)[:-1]] = True",
+         "a node does not see itself"),
+        ("tree.py", "self.mask[i, self.path_to(i)] = True", "self.mask[self.path_to(i), i] = True",
+         "descendants instead of ancestors (the mask transposed)"),
+        ("tree.py", "self.ranks = torch.tensor([p[-1] if p else 0", "self.ranks = torch.tensor([p[0] if p else 0",
+         "a node's rank read from the first step of its path")],
+    3: [("tree.py", "real = torch.cat([tree_mask, torch.zeros(N, P, dtype=torch.bool, device=dev)], 1)",
+         "real = torch.cat([tree_mask, torch.ones(N, P, dtype=torch.bool, device=dev)], 1)",
+         "real rows can see pseudo tokens"),
+        ("tree.py", "own = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])",
+         "own = owner[:, None] == owner[None, :]", "pseudo (a,i) sees its later siblings (a,j>i)"),
+        ("tree.py", "offsets = torch.arange(1, k + 1, device=node_positions.device)",
+         "offsets = torch.arange(k, device=node_positions.device)", "pseudo (a,i) at position pos(a)+i-1"),
+        ("transfer.py", "h = model.run_layers(h, all_pos, mask, slots, cache, t, model.args.n_layers)",
+         "h = model.run_layers(h, all_pos, mask, slots, cache, t + 1, model.args.n_layers)",
+         "the second half starts one layer late")],
+    4: [("decode.py", "        if child is None:\n            return path, emitted\n",
+         "        if child is None:\n            return path, emitted[:-1]\n", "the bonus token dropped"),
+        ("decode.py", "cache.move(n + path_t, ", "cache.move(path_t, ", "compaction copies the wrong slots"),
+        ("decode.py", "lambda v: sampler(logits[v])", "[sampler(row) for row in logits].__getitem__",
+         "a fresh random draw per tree node instead of one per emitted token"),
+        ("decode.py", "drafts = drafter.draft_logits(model, states[path[-1]])",
+         "drafts = drafter.draft_logits(model, states[0])", "next drafts from the root, not the last accepted node")],
+    5: [("train.py", "kl = (logp.exp() * (logp - logq)).sum(-1)", "kl = (logq.exp() * (logq - logp)).sum(-1)",
+         "KL with its arguments swapped"),
+        ("train.py", "rows = (positions[..., None] + torch.arange(1, k + 1, device=h_L.device))",
+         "rows = (positions[..., None] + torch.arange(k, device=h_L.device))", "the teacher read one position off"),
+        ("train.py", "real = torch.arange(T, device=positions.device) <= src[..., None]",
+         "real = torch.arange(T, device=positions.device) < src[..., None]", "pseudo (p,i) cannot see x_p"),
+        ("train.py", "/ valid.sum().clamp(min=1)", "/ valid.numel()", "the loss averaged over invalid targets too")],
+    6: [("tree.py", "return 1.0 + float(p[1:].sum())", "return float(p[1:].sum())", "tau without the bonus token"),
+        ("tree.py", "node_rate[0] = 1.0", "node_rate[0] = rates[0, 0]", "the root counted as a guess"),
+        ("tree.py", "-p * float(rates[len(path), r])", "-float(rates[len(path), r])",
+         "nodes ranked by their own rate, not their path's probability")],
+}
+
+
+def run(args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_every_assignment_has_planted_mistakes():
+    assert sorted(PLANTED) == sorted(make.ASSIGNMENTS)
+    assert all(len(v) >= 3 for v in PLANTED.values())
+
+
+def test_the_table_names_functions_that_exist():
+    """make.py's table must name real functions; a stale entry is a clear error."""
+    for n, (_, items) in make.ASSIGNMENTS.items():
+        for path, name in items:
+            with open(os.path.join(ROOT, path)) as f:
+                out = make.cut(f.read(), [name], n, path)
+            assert f'NotImplementedError("assignment {n}: implement {path[:-3]}.{name} (assignments/' in out
+    with pytest.raises(LookupError, match="has no function Tree.nowhere"):
+        make.cut("class Tree:\n    pass\n", ["Tree.nowhere"], 2, "tree.py")
+
+
+def test_reference_passes_every_check():
+    r = run(["assignments/grade.py", "all"], ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "FAIL" not in r.stdout
+
+
+@pytest.mark.parametrize("n", sorted(make.ASSIGNMENTS))
+def test_student_copy_fails_clearly(n, tmp_path):
+    out = tmp_path / "copy"
+    r = run(["assignments/make.py", str(n), "--out", str(out)], ROOT)
+    assert r.returncode == 0, r.stderr
+    assert not (out / "assignments" / "KEY.md").exists() and not (out / "tests" / "test_assignments.py").exists()
+    assert not (out / ".git").exists()
+    g = run(["assignments/grade.py", str(n)], out)
+    assert g.returncode == 1, g.stdout + g.stderr
+    assert f"not implemented yet: assignment {n}: implement" in g.stdout, g.stdout
+    assert "Traceback" not in g.stdout + g.stderr
+
+
+def test_all_cut_copy_still_imports_and_runs_its_scripts(tmp_path):
+    out = tmp_path / "copy"
+    assert run(["assignments/make.py", "all", "--out", str(out)], ROOT).returncode == 0
+    r = run(["-c", "import model, tree, transfer, decode, train, analysis, bench, latency, medusa"], out)
+    assert r.returncode == 0, r.stderr
+    r = run(["tree.py", "--help"], out)
+    assert r.returncode == 0 and "--pseudo" in r.stdout
+
+
+def test_make_refuses_bad_arguments(tmp_path):
+    r = run(["assignments/make.py", "9", "--out", str(tmp_path / "x")], ROOT)
+    assert r.returncode == 1 and r.stderr.startswith("error: assignment must be one of")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("")
+    r = run(["assignments/make.py", "1", "--out", str(tmp_path / "full")], ROOT)
+    assert r.returncode == 1 and "not empty" in r.stderr
+
+
+@pytest.mark.parametrize("n,i", [(n, i) for n in sorted(PLANTED) for i in range(len(PLANTED[n]))],
+                         ids=[f"{n}-{m[3].replace(' ', '_')}" for n in sorted(PLANTED) for m in PLANTED[n]])
+def test_planted_mistake_fails_a_check(n, i, tmp_path):
+    path, right, wrong, what = PLANTED[n][i]
+    out = str(tmp_path / "copy")
+    make.make([], ROOT, out)  # an uncut copy of the reference
+    with open(os.path.join(out, path)) as f:
+        src = f.read()
+    assert src.count(right) == 1, f"planting '{what}': the reference text is not in {path} exactly once " \
+                                  "(did a refactor move it? update PLANTED)"
+    with open(os.path.join(out, path), "w") as f:
+        f.write(src.replace(right, wrong))
+    r = run(["assignments/grade.py", str(n), "--first-failure"], out)
+    assert r.returncode == 1 and "FAIL" in r.stdout, f"the grader passed a wrong solution ({what}):\n{r.stdout}"
