@@ -1,10 +1,8 @@
-"""Measuring a drafter: held-out agreement and acceptance rates, the tree that pays on this
-machine, and the experiments around it (arXiv 2404.12022; METHOD.md, "Metrics").
-
-train.py calls `evaluate` and `select_tree` at the end of training. Run alone, this file does
+"""Experiments on the drafter, built on train.py's functions (arXiv 2404.12022; METHOD.md, "Metrics"):
 (a) a layer sweep: equal short trainings for several transfer layers t, (b) the cosine similarity
 between pseudo and real hidden states at every layer after t (the paper: the gap narrows with
-depth), and (c) whether training on the model's own replies pays. Read train.py first.
+depth), (c) whether training on the model's own replies pays, and (d) re-timing a checkpoint's
+tree choice on this machine (latency.select_tree). Read next: latency.py.
 
     python analysis.py --cosine                         # uses checkpoints/transfer.pt
     python analysis.py --select-tree                    # re-time its tree on this machine
@@ -23,80 +21,23 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import train
+from checkpoint import build_drafter, model_identity, open_checkpoint, save_atomic, save_checkpoint
 from data import encode_conversations, read_sharegpt, split_holdout
-from generate import Sampler, check_common_args, generate, load
-from latency import pass_latency, step_latency
+from generate import Sampler, check_common_args, generate, int_range, list_of, load, run_main
+from latency import select_tree
 from model import KVCache, causal_mask
-from transfer import load_checkpoint, model_identity, save_checkpoint
-from tree import build_tree, chain, expected_tau
 
-# ----------------------------------------------------------------------------- held-out metrics
-
-@torch.no_grad()
-def evaluate(model, drafter, windows, args, top_r: int = 10) -> dict:
-    """Per offset i: top-1 / top-5 agreement of q_i with the base model's argmax at p+i, the KL, and
-    accept[i-1][r] = share of targets whose rank-r draft token IS that argmax. The rates are
-    unconditional (not given that offsets < i were right), the simplification tree.expected_tau
-    then assumes away. Positions follow the training rule, drawn with a fixed seed per batch.
-    """
-    k, dev = drafter.k, model.output.weight.device
-    hits, count, kl_sum = torch.zeros(k, top_r), torch.zeros(k), torch.zeros(k)
-    for j in range(0, len(windows), args.batch_size):
-        ids = torch.stack([w[0] for w in windows[j:j + args.batch_size]]).to(dev)        # (B, T)
-        assistant = torch.stack([w[1] for w in windows[j:j + args.batch_size]]).to(dev)  # (B, T)
-        h_t, h_L, cache = train.frozen_pass(model, drafter, ids)
-        positions, valid = train.choose_positions(assistant, args.positions_per_seq, k,
-                                                  train.step_generator(args.seed + 1, j))
-        teacher = train.teacher_logprobs(model, h_L, positions, k)                   # (B, P, k, V)
-        states = train.draft_states(model, drafter, h_t, h_L, cache, positions)
-        logits = drafter.draft_logits(model, states)                                 # (B, P, k, V)
-        ranked = logits.topk(top_r, dim=-1).indices                                  # (B, P, k, top_r)
-        hit = (ranked == teacher.argmax(-1, keepdim=True)) & valid[..., None]
-        hits += hit.sum((0, 1)).float().cpu()
-        count += valid.sum((0, 1)).float().cpu()
-        kl = train.distill_loss(logits, teacher, valid, [1.0] * k)[1]               # (B, P, k)
-        kl_sum += (kl * valid).sum((0, 1)).float().cpu()
-    accept = hits / count.clamp(min=1)[:, None]                                      # (k, top_r)
-    return {"top1": accept[:, 0].tolist(), "top5": accept[:, :5].sum(1).tolist(),
-            "kl": (kl_sum / count.clamp(min=1)).tolist(), "accept": accept.tolist(),
-            "tau_chain": expected_tau(chain(k), accept), "targets": int(count[0])}
-
-
-def format_metrics(m: dict) -> str:
-    show = lambda xs: "/".join(f"{x:.2f}" for x in xs)
-    return (f"top-1 {show(m['top1'])}  top-5 {show(m['top5'])}  KL {show(m['kl'])}  "
-            f"chain tau {m['tau_chain']:.2f}  ({m['targets']} positions)")
-
-
-# ----------------------------------------------------------------------------- choosing the tree
-
-def select_tree(model, drafter, accept, sizes, n_ctx: int = 300, reps: int = 5):
-    """Of the best tree of each size (tree.build_tree), the one with the most expected tokens per
-    second of pass time on this machine (latency.py times the passes). Prints the table; returns
-    (tree, {size: (E[tau], ms per pass)}, ms per plain one-token step)."""
-    step_ms = 1000 * step_latency(model, n_ctx, reps)
-    print(f"\ntree choice: {n_ctx} cached tokens, median of {reps}; plain decoding step {step_ms:.1f} ms")
-    print(f"{'nodes':>6} {'E[tau]':>7} {'ms/pass':>8} {'E[speedup]':>11}")
-    table, best = {}, None
-    for n in sizes:
-        tree = build_tree(accept, n)
-        tau, ms = expected_tau(tree, accept), 1000 * pass_latency(model, drafter, tree, n_ctx, reps)
-        table[n] = (tau, ms)
-        print(f"{n:>6} {tau:>7.2f} {ms:>8.1f} {tau * step_ms / ms:>10.2f}x")
-        if best is None or tau / ms > best[0]:
-            best = (tau / ms, tree)
-    print(f"chosen: {best[1].size} nodes, paths {[list(p) for p in best[1].paths[1:]]}")
-    return best[1], table, step_ms
-
+# ----------------------------------------------------------------------------- the tree, again
 
 def retime_tree(model, path, sizes):
     """Choose the checkpoint's tree again from its stored acceptance rates, with this machine's timings."""
-    drafter, ckpt = load_checkpoint(path, model)
+    ckpt = open_checkpoint(path)
+    drafter = build_drafter(ckpt, path, model)
     if ckpt.get("accept_rates") is None:
         raise ValueError(f"{path} has no measured acceptance rates: let its train.py run finish")
-    tree, table, step_ms = select_tree(model, drafter, ckpt["accept_rates"], [n for n in sizes if n >= 2])
-    ckpt.update(tree=[list(p) for p in tree.paths[1:]], step_ms=step_ms,
-                latency_ms={n: ms for n, (_, ms) in table.items()})
+    tree, curve = select_tree(model, drafter, ckpt["accept_rates"], [n for n in sizes if n >= 2])
+    ckpt.update(tree=[list(p) for p in tree.paths[1:]], step_ms=curve["step_ms"],
+                latency_ms={r["nodes"]: r["ms"] for r in curve["rows"]})
     save_checkpoint(path, drafter, model,
                     {k: v for k, v in ckpt.items() if k not in ("kind", "config", "identity", "state_dict")})
     print(f"saved the tree in {path}")
@@ -125,16 +66,15 @@ def hidden_similarity(model, drafter, windows, args):
         positions, valid = train.choose_positions(assistant, args.positions_per_seq, k,
                                                   train.step_generator(args.seed + 1, j))
         P = positions.shape[1]
-        x_pos = (positions[..., None] + torch.arange(1, k + 1, device=dev)).flatten(1)   # (1, P*k): p + i
-        ahead = x_pos.clamp(max=T - 1).view(1, P, k)                           # rows of the real h^l_(p+i)
-        src = real[0].gather(1, positions[..., None].expand(-1, -1, d))        # (1, P, d): h^t_p
-        x = drafter(src.to(drafter.proj.weight.dtype)).to(dtype).flatten(1, 2)  # (1, P*k, d)
-        x_mask, none = train.training_mask(positions, k, T), torch.zeros(0, dtype=torch.long, device=dev)
+        # the pseudo tokens exactly as HiddenTransfer.train_pass builds them, then one layer at a time
+        x, x_pos, x_mask = drafter.pseudo_inputs(real[0], positions)            # (1, P*k, d), ...
+        x, none = x.to(dtype), torch.zeros(0, dtype=torch.long, device=dev)
+        ahead = x_pos.clamp(max=T - 1)                                         # (1, P*k): rows of h^l_(p+i)
         for layer in range(t, L + 1):
-            if layer > t:  # one layer at a time: the same computation as train.draft_states
+            if layer > t:
                 x = model.run_layers(x, x_pos, x_mask, none, cache, layer - 1, layer)
             h = real[layer - t]
-            target = h.gather(1, ahead.flatten(1)[..., None].expand(-1, -1, d))  # (1, P*k, d)
+            target = h.gather(1, ahead[..., None].expand(-1, -1, d))           # (1, P*k, d)
             source = h.gather(1, positions.repeat_interleave(k, 1)[..., None].expand(-1, -1, d))
             cos = F.cosine_similarity(x.float(), target.float(), dim=-1).view(1, P, k)
             pseudo_cos[layer - t] += (cos * valid).sum((0, 1)).cpu()
@@ -158,8 +98,8 @@ def sweep_layers(model, layers, steps, train_args, train_windows, held_windows):
     """Equal short trainings for each transfer layer t; prints per-offset top-1 / top-5."""
     rows = []
     for t in layers:
-        args = argparse.Namespace(**{**vars(train_args), "transfer_layer": t, "steps": steps,
-                                     "out": f"{train_args.cache_dir}/sweep-t{t}.pt", "resume": False,
+        args = argparse.Namespace(**{**vars(train_args), "transfer_layer": t, "steps": steps, "resume": False,
+                                     "drafter_checkpoint": f"{train_args.cache_dir}/sweep-t{t}.pt",
                                      "eval_every": 0, "tree_sizes": [], "drafter": "transfer"})
         rows.append((t, train.run(args, model, train_windows, held_windows)["eval"]))
     show = lambda xs: " ".join(f"{x:.2f}" for x in xs)
@@ -172,12 +112,13 @@ def sweep_layers(model, layers, steps, train_args, train_windows, held_windows):
 
 def regenerate(model, tok, conversations, args):
     """The first user turn of each conversation, answered by the base model itself (--max-new-tokens,
-    --temperature, --top-p as in generate.py); prompts longer than --seq-len are skipped."""
+    --temperature, --top-p as in generate.py); prompts longer than --seq-len, or too long for the
+    model's context with --max-new-tokens after them, are skipped."""
     out = []
     for conv in tqdm(conversations, desc="regenerating replies", unit="conv"):
         turns = conv[:2] if conv[0]["role"] == "system" else conv[:1]
         prompt, _ = tok.encode_chat(turns, add_generation_prompt=True)
-        if len(prompt) <= args.seq_len:
+        if len(prompt) <= min(args.seq_len, model.args.max_seq_len - args.max_new_tokens):
             gen = generate(model, prompt, args.max_new_tokens,
                            Sampler(args.temperature, args.top_p, args.seed), tok.stop_ids)
             out.append(turns + [{"role": "assistant", "content": tok.decode(gen.tokens)}])
@@ -200,39 +141,41 @@ def self_distill(model, tok, n, steps, train_args, sharegpt_windows, held_window
             own = json.load(f)
     else:
         own = regenerate(model, tok, train_c[:n], train_args)
-        os.makedirs(train_args.cache_dir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(own, f)
+        save_atomic(path, own)
     rows = []
     for name, windows in (("ShareGPT replies", sharegpt_windows),
                           ("own replies", encode_conversations(tok, own, train_args.seq_len))):
+        out = f"{train_args.cache_dir}/self-distill-{name.split()[0]}.pt"
         args = argparse.Namespace(**{**vars(train_args), "steps": steps, "resume": False, "eval_every": 0,
-                                     "out": f"{train_args.cache_dir}/self-distill-{name.split()[0]}.pt",
-                                     "tree_sizes": []})
+                                     "drafter_checkpoint": out, "tree_sizes": []})
         rows.append((name, len(windows), train.run(args, model, windows, held_windows)["eval"]))
     print(f"\nself-distillation: {steps} steps each, held-out (ShareGPT) metrics")
     for name, n_windows, m in rows:
-        print(f"{name:<17} ({n_windows} windows)  {format_metrics(m)}")
+        print(f"{name:<17} ({n_windows} windows)  {train.format_metrics(m)}")
     return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                     epilog="Any other flag is train.py's (data, --seq-len, --lr, ...).")
+                                     epilog="Any other flag is train.py's (data, --seq-len, --lr, ...), "
+                                            "--drafter-checkpoint too: the drafter for --cosine and "
+                                            "--select-tree (default: checkpoints/<drafter>.pt).")
     parser.add_argument("--cosine", action="store_true",
                         help="cosine similarity of pseudo and real hidden states, per layer after t")
     parser.add_argument("--select-tree", action="store_true",
-                        help="re-time the tree sizes on THIS machine and store the best tree in --checkpoint "
-                             "(train.py does this at the end; rerun it after moving a checkpoint)")
-    parser.add_argument("--checkpoint", default="checkpoints/transfer.pt",
-                        help="the drafter for --cosine and --select-tree")
-    parser.add_argument("--windows", type=int, default=50, help="held-out windows for --cosine")
-    parser.add_argument("--sweep-layers", default=None, help="transfer layers to compare, e.g. 6,10,15,20,25")
-    parser.add_argument("--sweep-steps", type=int, default=150, help="training steps per layer of the sweep")
-    parser.add_argument("--self-distill", type=int, default=0,
+                        help="re-time the tree sizes on THIS machine and store the best tree in "
+                             "--drafter-checkpoint (train.py does this at the end; rerun it after moving "
+                             "a checkpoint)")
+    parser.add_argument("--windows", type=int_range(1), default=50, help="held-out windows for --cosine")
+    parser.add_argument("--sweep-layers", type=list_of(int_range(1)), default=None,
+                        help="transfer layers to compare, e.g. 6,10,15,20,25")
+    parser.add_argument("--sweep-steps", type=int_range(1), default=150,
+                        help="training steps per layer of the sweep")
+    parser.add_argument("--self-distill", type=int_range(0), default=0,
                         help="compare training on N regenerated first replies with training on ShareGPT's")
-    parser.add_argument("--self-distill-steps", type=int, default=300, help="training steps of each side")
+    parser.add_argument("--self-distill-steps", type=int_range(1), default=300,
+                        help="training steps of each side")
     args, rest = parser.parse_known_args(argv)
     if not (args.cosine or args.select_tree or args.sweep_layers or args.self_distill):
         parser.error("pick an analysis: --cosine, --select-tree, --sweep-layers and/or --self-distill")
@@ -241,23 +184,21 @@ def main(argv=None):
     model, tok = load(train_args)
     try:
         if args.select_tree:
-            retime_tree(model, args.checkpoint, train_args.tree_sizes)
+            retime_tree(model, train_args.drafter_checkpoint, train_args.tree_sizes)
         train_windows, held_windows = train.load_windows(train_args, model, tok)
         if args.cosine:
-            drafter, _ = load_checkpoint(args.checkpoint, model)
-            if not hasattr(drafter, "layer"):
-                raise ValueError(f"{args.checkpoint} holds Medusa heads: --cosine needs Hidden Transfer")
+            path = train_args.drafter_checkpoint
+            drafter = build_drafter(open_checkpoint(path, "transfer"), path, model)
             print_similarity(*hidden_similarity(model, drafter, held_windows[:args.windows], train_args),
                              drafter.layer)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     if args.sweep_layers:
-        sweep_layers(model, [int(t) for t in args.sweep_layers.split(",")], args.sweep_steps, train_args,
-                     train_windows, held_windows)
+        sweep_layers(model, args.sweep_layers, args.sweep_steps, train_args, train_windows, held_windows)
     if args.self_distill:
         self_distill(model, tok, args.self_distill, args.self_distill_steps, train_args, train_windows,
                      held_windows)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

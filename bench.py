@@ -2,15 +2,15 @@
 machine, same run (METHOD.md, "Metrics" and "Baselines"). Methods take turns prompt by prompt, so
 drift of a shared machine hits all alike; every output is checked against plain decoding's.
 `--latency` instead measures what one verification pass costs against a one-token step, per tree
-size (latency.py). Read decode.py first (what this times), then train.py (what makes checkpoints).
+size (latency.py). Last in the reading order: it times decode.py with train.py's checkpoints.
 
     python bench.py                     # needs checkpoints/transfer.pt and checkpoints/medusa.pt
-    python bench.py --methods plain,ht --untrained --prompts 2 --max-new-tokens 32   # smoke run
+    python bench.py --methods plain,transfer --untrained --prompts 2 --max-new-tokens 32   # smoke run
+    python bench.py --drafter-checkpoint runs/t.pt --drafter-checkpoint runs/m.pt   # other checkpoints
     python bench.py --latency
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -20,27 +20,26 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
+from checkpoint import DRAFTERS, default_checkpoint, load_drafter, open_checkpoint, save_atomic, train_command
+from data import pick_mtbench, read_mtbench
 from decode import generate_tree
 from generate import (DTYPES, Generation, Sampler, add_common_args, check_common_args,
-                      describe_machine, generate, load)
-# pass_latency and step_latency are re-exported: `from bench import pass_latency` works too
-from latency import latency_curve, latency_report, pass_latency, step_latency  # noqa: F401
-from tree import Tree, chain
+                      describe_machine, fit_context, generate, int_range, load, run_main)
+from latency import latency_curve, latency_report
+from tree import Tree
 
 # ----------------------------------------------------------------------------- defaults, in one place
 PROMPTS = 8              # one MT-Bench question per category (pick_mtbench goes round-robin)
 MAX_NEW_TOKENS = 128     # with PROMPTS, a default run fits in about 15 minutes on a 2-core CPU
-METHODS = "plain,ht,medusa"
-CHECKPOINTS = {"ht": "checkpoints/transfer.pt", "medusa": "checkpoints/medusa.pt"}
-KINDS = {"ht": "HiddenTransfer", "medusa": "Medusa"}     # what each method's checkpoint must hold
-TRAIN = {"ht": "python train.py", "medusa": "python train.py --drafter medusa"}
+METHODS = "plain,transfer,medusa"  # plain decoding, then drafter kinds (checkpoint.DRAFTERS)
 WARMUP_TOKENS = 8        # per method, untimed: first calls pay for allocation and kernel choice
 
 
 def fail(message: str):
-    """A user's mistake: one line on stderr, exit status 2."""
+    """A user's mistake or a bad input file: one line on stderr, exit status 1 (argparse's usage
+    errors exit with 2)."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(1)
 
 
 def environment(device) -> dict:
@@ -109,13 +108,15 @@ def _one(model, method, prompt, max_new, temperature, top_p, seed, stop_ids) -> 
 
 
 def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, temperature: float = 0.0,
-              top_p: float = 1.0, seed: int = 0) -> dict:
+              top_p: float = 1.0, seed: int = 0, truncate: str | None = None) -> dict:
     """Run every method on every prompt, interleaved, and return the results (see summarize).
 
     methods: {name: (drafter, tree), or None for plain decoding}; "plain" must be among them.
     prompts: [(category, [user turn 1, user turn 2, ...])]; turn 2 follows plain decoding's own
     answer to turn 1, as MT-Bench does, so every method sees the same second prompt.
-    Ctrl-C stops early: the results then hold every prompt that all methods finished.
+    Ctrl-C stops early: the results then hold every prompt that all methods finished. A prompt
+    too long for the model's context raises ValueError (generate.fit_context), or loses its first
+    tokens with truncate="left"; first turns are checked before anything runs.
     """
     if methods.get("plain", 0) is not None:
         raise ValueError("methods must include 'plain': None, the reference for speed and losslessness")
@@ -128,7 +129,9 @@ def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, tem
                                                     "paths": [list(p) for p in v[1].paths[1:]]}
                          for m, v in methods.items()},
                "runs": [], "interrupted": False}
-    first, _ = tok.encode_chat([{"role": "user", "content": prompts[0][1][0]}])
+    extra = max((v[1].size for v in methods.values() if v is not None), default=0)  # the largest tree
+    fit = lambda messages: fit_context(model, tok.encode_chat(messages)[0], max_new_tokens, extra, truncate)
+    first = [fit([{"role": "user", "content": turns[0]}]) for _, turns in prompts][0]
     for method in methods.values():  # warm-up, untimed
         _one(model, method, first, WARMUP_TOKENS, temperature, top_p, seed, tok.stop_ids)
 
@@ -139,7 +142,7 @@ def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, tem
             messages = []
             for turn, text in enumerate(turns, start=1):
                 messages.append({"role": "user", "content": text})
-                ids, _ = tok.encode_chat(messages)
+                ids = fit(messages)
                 run = {"prompt": i, "category": category, "turn": turn, "prompt_tokens": len(ids),
                        "methods": {}}
                 for name, method in methods.items():
@@ -207,36 +210,43 @@ def report(results: dict) -> str:
 
 # ----------------------------------------------------------------------------- command line
 
-def load_drafters(model, args, names: list) -> dict:
-    """{name: (drafter, tree, measured accept rates or None)} for the drafting methods in `names`."""
-    from medusa import Medusa
-    from transfer import HiddenTransfer, default_layer, load_checkpoint
-    out, w = {}, model.output.weight
-    for name in names:
-        if args.untrained:  # identity projections / zero heads: lossless, near-zero acceptance
-            d = (HiddenTransfer(model.args.dim, 3, default_layer(model.args.n_layers)) if name == "ht"
-                 else Medusa(model.args.dim, 3))
-            drafter, tree, accept = d.to(device=w.device, dtype=w.dtype), chain(3), None
+def find_checkpoints(args) -> dict:
+    """{method: (path, checkpoint dict)} for the drafting methods, checked as files before the slow
+    model load: each --drafter-checkpoint serves the method its stored kind names; the others read
+    checkpoints/<kind>.pt. A missing default baseline is skipped with a note unless --methods named it."""
+    found = {}
+    for path in args.drafter_checkpoint:
+        ckpt = open_checkpoint(path)
+        if ckpt["kind"] not in args.methods or ckpt["kind"] in found:
+            fail(f"{path} holds a {ckpt['kind']} drafter: --methods {','.join(args.methods)} needs one "
+                 f"checkpoint per drafting method")
+        found[ckpt["kind"]] = (path, ckpt)
+    for kind in [m for m in args.methods if m != "plain" and m not in found]:
+        path = default_checkpoint(kind)
+        if os.path.exists(path):
+            found[kind] = (path, open_checkpoint(path, kind))
+        elif kind != "transfer" and not args.methods_given:
+            print(f"note: no {kind} checkpoint at {path}, so no {kind} baseline this time: make it with "
+                  f"`{train_command(kind)}`", file=sys.stderr)
+            args.methods.remove(kind)
         else:
-            path = args.transfer if name == "ht" else args.medusa
-            try:
-                drafter, ckpt = load_checkpoint(path, model)
-            except ValueError as e:  # trained for another model, or a layer that does not fit it
-                fail(str(e))
-            except (KeyError, RuntimeError) as e:
-                fail(f"{path} is not a drafter checkpoint ({e!r}): make one with `{TRAIN[name]}`")
-            if ckpt.get("kind") != KINDS[name]:
-                fail(f"{path} holds a {ckpt.get('kind')} drafter, not {KINDS[name]}: "
-                     f"make one with `{TRAIN[name]}`")
-            paths = ckpt.get("tree")
-            tree = Tree([tuple(p) for p in paths], k=drafter.k) if paths is not None else chain(drafter.k)
-            accept = ckpt.get("accept_rates")
+            fail(f"no {kind} checkpoint at {path}: make it with `{train_command(kind)}`, pass "
+                 f"--drafter-checkpoint, or leave {kind} out of --methods (or pass --untrained for a smoke run)")
+    return found
+
+
+def load_drafters(model, args, found: dict) -> dict:
+    """{method: (drafter, tree, measured accept rates or None)} for the drafting methods."""
+    out = {}
+    for name in [m for m in args.methods if m != "plain"]:
+        path, ckpt = found.get(name, (None, {}))
+        drafter, tree, _ = load_drafter(model, path, name, untrained=args.untrained)
         if args.tree:  # one tree for every drafter: a like-for-like comparison
             try:
-                tree = chain(drafter.k) if args.tree == "chain" else Tree.parse(args.tree, k=drafter.k)
+                tree = Tree.parse(args.tree, k=drafter.k)
             except ValueError as e:
                 fail(f"--tree: {e}")
-        out[name] = (drafter, tree, accept)
+        out[name] = (drafter, tree, ckpt.get("accept_rates"))
     return out
 
 
@@ -246,15 +256,15 @@ def parse_args(argv=None):
     add_common_args(p)  # its --prompt is not used: the prompts are MT-Bench's
     p.set_defaults(max_new_tokens=MAX_NEW_TOKENS)
     p.add_argument("--methods", default=None,
-                   help=f"comma list from plain, ht, medusa; plain is required (default: {METHODS}, "
-                        "skipping medusa with a note if its checkpoint is missing)")
-    p.add_argument("--prompts", type=int, default=PROMPTS,
+                   help=f"comma list from plain, {', '.join(DRAFTERS)}; plain is required (default: "
+                        f"{METHODS}, skipping medusa with a note if its checkpoint is missing)")
+    p.add_argument("--prompts", type=int_range(1), default=PROMPTS,
                    help="MT-Bench questions, taken round-robin over the categories")
     p.add_argument("--full", action="store_true", help="all 80 MT-Bench questions (overrides --prompts)")
     p.add_argument("--both-turns", action="store_true", help="also run each question's follow-up turn")
-    p.add_argument("--transfer", default=CHECKPOINTS["ht"], help="Hidden Transfer checkpoint (train.py)")
-    p.add_argument("--medusa", default=CHECKPOINTS["medusa"],
-                   help="Medusa checkpoint (train.py --drafter medusa)")
+    p.add_argument("--drafter-checkpoint", action="append", default=[],
+                   help="a drafter checkpoint from train.py, once per drafting method: the kind it holds "
+                        "says which method it serves (default: checkpoints/<kind>.pt)")
     p.add_argument("--untrained", action="store_true",
                    help="smoke run: identity projections and zero Medusa heads instead of checkpoints")
     p.add_argument("--tree", default=None,
@@ -266,39 +276,28 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.methods_given = args.methods is not None
     args.methods = [m.strip() for m in (args.methods or METHODS).split(",") if m.strip()]
-    if not set(args.methods) <= {"plain", "ht", "medusa"} or len(set(args.methods)) != len(args.methods):
-        p.error(f"--methods {','.join(args.methods)}: list each of plain, ht, medusa at most once")
+    known = ["plain", *DRAFTERS]
+    if not set(args.methods) <= set(known) or len(set(args.methods)) != len(args.methods):
+        p.error(f"--methods {','.join(args.methods)}: list each of {', '.join(known)} at most once")
     if "plain" not in args.methods and not args.latency:
         p.error("--methods must include plain: it is the reference for speedup and losslessness")
     if args.latency and args.methods == ["plain"]:
-        p.error("--latency times drafters: put ht or medusa in --methods")
+        p.error(f"--latency times drafters: put one of {', '.join(DRAFTERS)} in --methods")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     check_common_args(args)
-    for name in [] if args.untrained else [m for m in args.methods if m != "plain"]:
-        path = args.transfer if name == "ht" else args.medusa  # checked before the slow model load
-        if not os.path.exists(path) and name == "medusa" and not args.methods_given:
-            print(f"note: no Medusa checkpoint at {path}, so no Medusa baseline this time: make it with "
-                  f"`{TRAIN[name]}`", file=sys.stderr)
-            args.methods.remove(name)
-        elif not os.path.exists(path):
-            fail(f"no {KINDS[name]} checkpoint at {path}: make it with `{TRAIN[name]}`, "
-                 f"or leave {name} out of --methods (or pass --untrained for a smoke run)")
-    if not args.latency:
-        from data import pick_mtbench, read_mtbench
-        try:
+    try:
+        found = {} if args.untrained else find_checkpoints(args)
+        if not args.latency:
             questions = read_mtbench(args.mtbench)
             picked = pick_mtbench(questions, len(questions) if args.full else args.prompts)
-        except (OSError, ValueError) as e:
-            fail(str(e))
-        if not picked:
-            fail("--prompts 0 leaves nothing to run: pass at least 1")
-    drafting = [m for m in args.methods if m != "plain"]
-    model, tok = load(args)
-    drafters = load_drafters(model, args, drafting)
+        model, tok = load(args)
+        drafters = load_drafters(model, args, found)
+    except (OSError, ValueError) as e:  # a bad checkpoint (checkpoint.CheckpointError) or MT-Bench file
+        fail(str(e))
     if args.untrained:
         print("--untrained: identity projections and zero Medusa heads: lossless, but expect no speedup",
               file=sys.stderr)
@@ -316,11 +315,13 @@ def main(argv=None):
     else:
         prompts = [(q["category"], q["turns"][:2 if args.both_turns else 1]) for q in picked]
         methods = {m: None if m == "plain" else drafters[m][:2] for m in args.methods}
-        results = run_bench(model, tok, methods, prompts, args.max_new_tokens, args.temperature,
-                            args.top_p, args.seed)
+        try:
+            results = run_bench(model, tok, methods, prompts, args.max_new_tokens, args.temperature,
+                                args.top_p, args.seed, args.truncate)
+        except ValueError as e:  # a prompt too long for the model's context
+            fail(str(e))
         print("\n" + report(results))
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    save_atomic(args.out, results)
     print(f"\nsaved {args.out}")
     if results.get("mismatches") and DTYPES[args.dtype] == torch.float32:
         sys.exit("error: outputs differ from plain decoding in float32: decoding is not lossless")
@@ -330,7 +331,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # outside the measuring loops: nothing was measured yet
-        sys.exit("interrupted before anything was measured")
+    run_main(main)  # Ctrl-C outside the measuring loops (they report what they have): exit 130

@@ -3,7 +3,7 @@
 Four families, written out by hand rather than run through Jinja, so each fits on a screen: ChatML
 (SmolLM2, Qwen), Meta's Llama-2-chat `[INST]` format, Vicuna v1.1 (FastChat) and `raw` for base
 models. `render` returns the text plus the character spans of assistant replies; tokenizer.py turns
-those spans into the per-token loss mask that draft-head training reads (see train.py next).
+those spans into the per-token loss mask that draft-head training reads. Read next: generate.py.
 """
 
 import re

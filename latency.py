@@ -3,7 +3,8 @@
 A tree of N nodes buys expected tau tokens per pass (tree.expected_tau) but a pass over N nodes,
 plus k pseudo tokens per node, is slower than plain decoding's one-token step; the speedup a tree
 can give is tau / (pass time / step time) (METHOD.md, "Metrics"). bench.py --latency prints this
-curve; pass_latency and step_latency are the measuring functions, for any script that chooses a tree.
+curve; train.py and analysis.py --select-tree choose their tree from it (select_tree).
+Read next: hf_baseline.py.
 """
 
 import statistics
@@ -38,10 +39,10 @@ def pass_latency(model, drafter, tree: Tree, n_ctx: int = CONTEXT, reps: int = R
     w = model.output.weight
     cache = KVCache(model.args, 1, n_ctx + tree.size, w.device, w.dtype)
     tokens = torch.randint(model.args.vocab_size, (1, tree.size), device=w.device)
-    pos, mask = tree.positions(n_ctx).to(w.device), tree.mask.to(w.device)
+    tree = tree.to(w.device)
 
     def step():
-        hidden, states = drafter.tree_pass(model, tokens, pos, mask, n_ctx, cache)
+        hidden, states = drafter.tree_pass(model, tokens, tree.positions(n_ctx), tree.mask, n_ctx, cache)
         model.head(hidden)
         drafter.draft_logits(model, states[0])
     return _median_time(step, w.device, reps)
@@ -95,3 +96,16 @@ def latency_report(name: str, curve: dict) -> str:
         tau, sp = ("-", "-") if r["tau"] is None else (f"{r['tau']:.2f}", f"{r['speedup']:.2f}x")
         lines.append(f"| {r['nodes']} | {r['ms']:.1f} | {r['ratio']:.2f} | {tau} | {sp} |")
     return "\n".join(lines + (["(interrupted)"] if curve["interrupted"] else []))
+
+
+def select_tree(model, drafter, accept, sizes, n_ctx: int = CONTEXT, reps: int = REPS):
+    """Of the best tree of each size under the measured `accept` rates, the one with the most
+    expected tokens per second of pass time on this machine: the largest E[speedup] of
+    latency_curve. Prints the curve; returns (tree, curve). Ctrl-C is not swallowed here."""
+    curve = latency_curve(model, drafter, accept, sizes, n_ctx, reps)
+    if curve["interrupted"]:
+        raise KeyboardInterrupt
+    print("\n" + latency_report(f"tree choice for {drafter.kind}", curve))
+    best = max(curve["rows"], key=lambda r: r["speedup"])
+    print(f"chosen: {best['nodes']} nodes, paths {best['paths']}")
+    return build_tree(accept, best["nodes"]), curve

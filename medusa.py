@@ -3,19 +3,22 @@
 Head i reads the last layer's state of real token p and drafts token p+i+1:
     head_i(h) = lm_head(h + SiLU(U_i h + b_i)),  h = the final-normed hidden state (as in Medusa's
 code, which reads hidden states after model.norm), U_i and b_i zero at start, lm_head the model's.
-Same interface as transfer.py's HiddenTransfer, so decode.py and train.py treat both alike; unlike it,
-the drafts never pass through the decoder layers. Read next: train.py, which trains both.
+The same Drafter interface as HiddenTransfer (drafter.py), so decode.py and train.py treat both
+alike; unlike it, the drafts never pass through the decoder layers. Read next: checkpoint.py.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Transformer, linear
+from drafter import Drafter
+from model import Transformer, causal_mask, linear
 from tree import after_cache
 
 
-class Medusa(nn.Module):
+class Medusa(Drafter):
+    kind, title = "medusa", "Medusa-1"
+
     def __init__(self, dim: int, k: int):
         super().__init__()
         self.dim, self.k = dim, k
@@ -25,28 +28,38 @@ class Medusa(nn.Module):
             self.proj.weight.zero_()
             self.proj.bias.zero_()
 
-    def config(self) -> dict:  # what a checkpoint needs to rebuild this module
+    def config(self) -> dict:
         return {"dim": self.dim, "k": self.k}
 
-    def forward(self, h_normed: torch.Tensor) -> torch.Tensor:
-        """(..., dim) final-normed states -> (..., k, dim) inputs of the LM head, one per head."""
-        u = (linear(h_normed, self.proj.weight) + self.proj.bias).unflatten(-1, (self.k, self.dim))  # (..., k, dim)
-        return h_normed.unsqueeze(-2) + F.silu(u)                   # residual: h + SiLU(U_i h + b_i)
+    def forward(self, h_normed: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """(..., dim) final-normed states -> (..., depth, dim) inputs of the LM head, heads 1..depth."""
+        rows = (depth or self.k) * self.dim                   # only the heads asked for are run
+        u = (linear(h_normed, self.proj.weight[:rows]) + self.proj.bias[:rows]).unflatten(-1, (-1, self.dim))
+        return h_normed.unsqueeze(-2) + F.silu(u)             # residual: h + SiLU(U_i h + b_i)
 
-    def tree_pass(self, model: Transformer, tokens, pos, tree_mask, n, cache, nodes=None):
-        """One plain forward pass over the N tree nodes (no pseudo tokens), then the k heads.
-
-        Arguments and results as HiddenTransfer.tree_pass: hidden (N, dim) is the UN-normed last
-        layer state (decode.py verifies with model.head, which applies the final norm), states
-        (len(nodes), k, dim) are the heads' LM-head inputs, for `draft_logits`.
-        """
-        N = tokens.shape[1]
+    def tree_pass(self, model, tokens, pos, tree_mask, n, cache, nodes=None, depth=None):
+        """Drafter.tree_pass: one plain forward pass over the N tree nodes (no pseudo tokens), then
+        heads 1..depth on `nodes`. hidden is the UN-normed last layer state (model.head applies the
+        final norm); states (len(nodes), depth, dim) are the heads' LM-head inputs."""
+        N, depth = tokens.shape[1], depth or self.k
+        if not 1 <= depth <= self.k:
+            raise ValueError(f"depth {depth} must be from 1 to k={self.k}")
         slots = torch.arange(n, n + N, device=tokens.device)
         mask = after_cache(tree_mask, n)                              # (1, N, n + N)
         h = model.run_layers(model.embed(tokens), pos, mask, slots, cache)[0]  # (N, dim)
         nodes = torch.arange(N, device=tokens.device) if nodes is None else nodes
-        return h, self(model.norm(h[nodes]))                          # (N, dim), (len(nodes), k, dim)
+        return h, self(model.norm(h[nodes]), depth)                   # (N, dim), (M, depth, dim)
 
-    def draft_logits(self, model: Transformer, state: torch.Tensor) -> torch.Tensor:
-        """Head states (k, dim) -> draft logits (k, V). lm_head only: the norm came before the heads."""
-        return linear(state, model.output.weight)  # model.py's fast CPU product, as model.head uses
+    def draft_logits(self, model: Transformer, states: torch.Tensor) -> torch.Tensor:
+        """Head states (..., depth, dim) -> draft logits (..., depth, V). lm_head only: the norm came
+        before the heads."""
+        return linear(states, model.output.weight)  # model.py's fast CPU product, as model.head uses
+
+    def train_pass(self, model, ids, positions):
+        """Drafter.train_pass: the frozen model's last-layer states at `positions`, through the heads."""
+        T, d = ids.shape[1], model.args.dim
+        with torch.no_grad():
+            h_L = model.run_layers(model.embed(ids), torch.arange(T, device=ids.device),
+                                   causal_mask(T, device=ids.device))             # (B, T, d)
+        h_p = model.norm(h_L.gather(1, positions[..., None].expand(-1, -1, d)))      # (B, P, d)
+        return self(h_p.to(self.proj.weight.dtype)).to(h_L.dtype), h_L             # (B, P, k, d)

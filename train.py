@@ -3,8 +3,9 @@
 
 METHOD.md, "Training the projection": one frozen pass gives h^t, the real tokens' K/V and the
 teacher distributions; P positions per sequence get k pseudo tokens each, which run through
-layers t+1..L in ONE pass against that cache; loss = sum_i w_i KL(P_(p+i) || Q_(p,i)). Then the
-held-out metrics and the tree choice (analysis.py, read next; then decode.py, which uses the result).
+layers t+1..L in ONE pass against that cache (each drafter's train_pass, drafter.py); loss =
+sum_i w_i KL(P_(p+i) || Q_(p,i)). Then the held-out metrics (evaluate, here) and the tree choice
+(latency.select_tree). Read next: analysis.py, the experiments built on these functions.
 
     python train.py                     # Hidden Transfer: about 20 minutes on a 2-core CPU
     python train.py --drafter medusa    # the Medusa-1 baseline: same data, targets and budget
@@ -22,37 +23,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from checkpoint import (DRAFTERS, build_drafter, default_checkpoint, model_identity, open_checkpoint,
+                        save_atomic, save_checkpoint)
 from data import batches, encode_conversations, read_sharegpt, sharegpt_path, split_holdout
-from generate import add_common_args, check_common_args, load
-from medusa import Medusa
-from model import KVCache, causal_mask
-from transfer import HiddenTransfer, default_layer, load_checkpoint, model_identity, save_checkpoint
+from generate import add_common_args, check_common_args, float_range, int_range, list_of, load, run_main
+from latency import select_tree
 from tree import chain, expected_tau
 
 # ----------------------------------------------------------------------------- the objective
-
-def training_mask(positions: torch.Tensor, k: int, T: int) -> torch.Tensor:
-    """(B, P*k, T + P*k) bool: what each pseudo token of layers t+1..L may attend to in training.
-
-    Rows are pseudo tokens, source-major ((p,1)..(p,k) for each chosen p); columns are the T real
-    tokens (in the cache) then the pseudo tokens, as model.py orders them. Pseudo (p,i) sees real
-    tokens 0..p and its siblings (p,j<=i): exactly what it sees in decoding, where p is the last
-    accepted token (METHOD.md's mask). For T = 4, positions [1, 2], k = 2:
-
-        keys ->   x0 x1 x2 x3 | (1,1) (1,2) (2,1) (2,2)
-        (1,1)      1  1  .  . |   1     .     .     .
-        (1,2)      1  1  .  . |   1     1     .     .
-        (2,1)      1  1  1  . |   .     .     1     .
-        (2,2)      1  1  1  . |   .     .     1     1
-    """
-    B, P = positions.shape
-    src = positions.repeat_interleave(k, dim=1)                                # (B, P*k)
-    real = torch.arange(T, device=positions.device) <= src[..., None]         # (B, P*k, T)
-    owner = torch.arange(P * k, device=positions.device) // k
-    offset = torch.arange(P * k, device=positions.device) % k
-    own = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])  # (P*k, P*k)
-    return torch.cat([real, own.expand(B, -1, -1)], dim=-1)
-
 
 def choose_positions(assistant: torch.Tensor, P: int, k: int, g: torch.Generator):
     """Training positions p, and which targets (p, i) are valid. assistant: (B, T) bool.
@@ -76,34 +54,6 @@ def choose_positions(assistant: torch.Tensor, P: int, k: int, g: torch.Generator
         positions[b, :len(r)], real[b, :len(r)] = r, True
     ahead = positions[..., None] + torch.arange(1, k + 1)                     # (B, P', k): p + i
     return positions.to(dev), (real[..., None] & (ahead <= T - 1)).to(dev)
-
-
-def frozen_pass(model, drafter, ids):
-    """(h^t (B, T, d), h^L (B, T, d), cache) from one pass of the frozen model over real tokens.
-    Hidden Transfer's pseudo tokens attend to the real K/V kept in the cache; Medusa needs none."""
-    B, T = ids.shape
-    L, t = model.args.n_layers, getattr(drafter, "layer", model.args.n_layers)
-    w = model.output.weight
-    cache = KVCache(model.args, B, T, w.device, w.dtype) if isinstance(drafter, HiddenTransfer) else None
-    pos, mask = torch.arange(T, device=w.device), causal_mask(T, device=w.device)
-    slots = pos if cache is not None else None
-    h_t = model.run_layers(model.embed(ids), pos, mask, slots, cache, 0, t)
-    return h_t, model.run_layers(h_t, pos, mask, slots, cache, t, L), cache
-
-
-def draft_states(model, drafter, h_t, h_L, cache, positions):
-    """The LM-head inputs of the drafts, (B, P, k, d), with gradients into the drafter only."""
-    P, k, d, dtype = positions.shape[1], drafter.k, model.args.dim, h_t.dtype
-    wd = drafter.proj.weight.dtype  # fp32 in training (AdamW in bf16 loses small updates)
-    at = positions[..., None].expand(-1, -1, d)                                # (B, P, d)
-    if isinstance(drafter, Medusa):
-        return drafter(model.norm(h_L.gather(1, at)).to(wd)).to(dtype)
-    pseudo = drafter(h_t.gather(1, at).to(wd)).to(dtype).flatten(1, 2)         # (B, P*k, d)
-    pos = (positions[..., None] + torch.arange(1, k + 1, device=positions.device)).flatten(1)
-    none = torch.zeros(0, dtype=torch.long, device=positions.device)  # all pseudo: none is cached
-    h = model.run_layers(pseudo, pos, training_mask(positions, k, h_t.shape[1]), none, cache,
-                         drafter.layer, model.args.n_layers)
-    return h.unflatten(1, (P, k))                                              # (B, P, k, d)
 
 
 def teacher_logprobs(model, h_L, positions, k):
@@ -135,12 +85,12 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 def train_step(model, drafter, opt, ids, assistant, args, step) -> float:
     """One optimizer step on a batch: ids, assistant (B, T). Returns the loss."""
+    positions, valid = choose_positions(assistant, args.positions_per_seq, drafter.k,
+                                        step_generator(args.seed, step))
+    states, h_L = drafter.train_pass(model, ids, positions)
     with torch.no_grad():
-        h_t, h_L, cache = frozen_pass(model, drafter, ids)
-        positions, valid = choose_positions(assistant, args.positions_per_seq, drafter.k,
-                                            step_generator(args.seed, step))
         teacher = teacher_logprobs(model, h_L, positions, drafter.k)
-    logits = drafter.draft_logits(model, draft_states(model, drafter, h_t, h_L, cache, positions))
+    logits = drafter.draft_logits(model, states)
     loss, _ = distill_loss(logits, teacher, valid, args.offset_weights, args.teacher_topk)
     opt.param_groups[0]["lr"] = lr_at(step, args)
     opt.zero_grad(set_to_none=True)
@@ -156,6 +106,41 @@ def lr_at(step: int, args) -> float:
         return args.lr * (step + 1) / args.warmup
     done = (step - args.warmup) / max(1, args.steps - args.warmup)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
+
+
+# ----------------------------------------------------------------------------- held-out metrics
+
+@torch.no_grad()
+def evaluate(model, drafter, windows, args, top_r: int = 10) -> dict:
+    """Per offset i: top-1 / top-5 agreement of q_i with the base model's argmax at p+i, the KL, and
+    accept[i-1][r] = share of targets whose rank-r draft token IS that argmax (METHOD.md, "Metrics").
+    The rates are unconditional (not given that offsets < i were right), the simplification
+    tree.expected_tau then assumes away. Positions follow the training rule, with a fixed seed."""
+    k, dev = drafter.k, model.output.weight.device
+    hits, count, kl_sum = torch.zeros(k, top_r), torch.zeros(k), torch.zeros(k)
+    for j in range(0, len(windows), args.batch_size):
+        ids = torch.stack([w[0] for w in windows[j:j + args.batch_size]]).to(dev)        # (B, T)
+        assistant = torch.stack([w[1] for w in windows[j:j + args.batch_size]]).to(dev)  # (B, T)
+        positions, valid = choose_positions(assistant, args.positions_per_seq, k,
+                                            step_generator(args.seed + 1, j))
+        states, h_L = drafter.train_pass(model, ids, positions)
+        teacher = teacher_logprobs(model, h_L, positions, k)                         # (B, P, k, V)
+        logits = drafter.draft_logits(model, states)                                 # (B, P, k, V)
+        ranked = logits.topk(top_r, dim=-1).indices                                  # (B, P, k, top_r)
+        hits += ((ranked == teacher.argmax(-1, keepdim=True)) & valid[..., None]).sum((0, 1)).float().cpu()
+        count += valid.sum((0, 1)).float().cpu()
+        kl = distill_loss(logits, teacher, valid, [1.0] * k)[1]                      # (B, P, k)
+        kl_sum += (kl * valid).sum((0, 1)).float().cpu()
+    accept = hits / count.clamp(min=1)[:, None]                                      # (k, top_r)
+    return {"top1": accept[:, 0].tolist(), "top5": accept[:, :5].sum(1).tolist(),
+            "kl": (kl_sum / count.clamp(min=1)).tolist(), "accept": accept.tolist(),
+            "tau_chain": expected_tau(chain(k), accept), "targets": int(count[0])}
+
+
+def format_metrics(m: dict) -> str:
+    show = lambda xs: "/".join(f"{x:.2f}" for x in xs)
+    return (f"top-1 {show(m['top1'])}  top-5 {show(m['top5'])}  KL {show(m['kl'])}  "
+            f"chain tau {m['tau_chain']:.2f}  ({m['targets']} positions)")
 
 
 # ----------------------------------------------------------------------------- data
@@ -182,51 +167,48 @@ def load_windows(args, model, tok):
         saved = {"train": pack(train_w), "held": pack(held_w), "note": (
             f"{len(conversations)} ShareGPT conversations read from {path}, {args.holdout} held out; "
             f"{len(train_w)} training and {len(held_w)} held-out windows")}
-        os.makedirs(args.cache_dir, exist_ok=True)
-        torch.save(saved, cached + ".tmp")
-        os.replace(cached + ".tmp", cached)
+        save_atomic(cached, saved)
     print(f"token windows ({cached}): {saved['note']}")
     return list(zip(*saved["train"])), list(zip(*saved["held"]))
 
 
 # ----------------------------------------------------------------------------- the loop
 
-RUN_KEYS = ("drafter", "k", "transfer_layer", "seq_len", "batch_size", "positions_per_seq", "lr", "warmup",
+RUN_KEYS = ("drafter", "seq_len", "batch_size", "positions_per_seq", "lr", "warmup",
             "seed", "offset_weights", "teacher_topk", "conversations", "holdout")
 
 
 def make_drafter(args, model):
-    L, dim = model.args.n_layers, model.args.dim
-    if args.drafter == "medusa":
-        drafter = Medusa(dim, args.k)
-    else:
-        args.transfer_layer = args.transfer_layer or default_layer(L)
-        if not 1 <= args.transfer_layer < L:
-            sys.exit(f"error: --transfer-layer must be from 1 to {L - 1} for this {L}-layer model")
-        drafter = HiddenTransfer(dim, args.k, args.transfer_layer)
-    return drafter.to(model.output.weight.device)  # fp32 master weights whatever the model's dtype
+    """A fresh drafter of kind --drafter; fp32 master weights whatever the model's dtype."""
+    drafter = DRAFTERS[args.drafter].for_model(model, args.k, args.transfer_layer)
+    return drafter.to(model.output.weight.device)
 
 
 def restore(args, model, drafter, opt):
-    """Continue exactly where --out stopped: drafter, AdamW state and step (the data stream, the
-    positions and the learning rate are functions of the seed and step). Returns (step, history)."""
-    if not os.path.exists(args.out):
-        sys.exit(f"error: --resume: no checkpoint at {args.out} to continue; drop --resume or fix --out")
-    _, ckpt = load_checkpoint(args.out, model)
-    changed = [k for k in RUN_KEYS if ckpt["train_args"].get(k) != getattr(args, k)]
+    """Continue exactly where --drafter-checkpoint stopped: drafter, AdamW state and step (the data
+    stream, the positions and the learning rate are functions of the seed and step).
+    Returns (step, history)."""
+    path = args.drafter_checkpoint
+    if not os.path.exists(path):
+        sys.exit(f"error: --resume: no checkpoint at {path} to continue; drop --resume or fix "
+                 "--drafter-checkpoint")
+    ckpt = open_checkpoint(path, args.drafter)
+    build_drafter(ckpt, path, model)  # refuses another model, config or shape
+    changed = [k for k in RUN_KEYS if ckpt.get("train_args", {}).get(k) != getattr(args, k)]
+    changed += ["drafter config"] if ckpt["config"] != drafter.config() else []
     if changed:
-        sys.exit(f"error: --resume: {args.out} was trained with other {', '.join(changed)}; "
-                 "use the same flags, or a new --out")
+        sys.exit(f"error: --resume: {path} was trained with other {', '.join(changed)}; "
+                 "use the same flags, or a new --drafter-checkpoint")
     drafter.load_state_dict(ckpt["state_dict"])
     opt.load_state_dict(ckpt["optimizer"])
-    print(f"resuming {args.out} at step {ckpt['step']} of {args.steps}")
+    print(f"resuming {path} at step {ckpt['step']} of {args.steps}")
     return ckpt["step"], ckpt["history"]
 
 
 def run(args, model, train_windows, held_windows) -> dict:
-    """Train, evaluate, choose the tree, save to --out. Returns the saved checkpoint's fields."""
-    from analysis import evaluate, format_metrics, select_tree  # late: analysis.py imports this file
+    """Train, evaluate, choose the tree, save to --drafter-checkpoint. Returns the saved fields."""
     model.requires_grad_(False)  # frozen: only the drafter learns
+    out_path = args.drafter_checkpoint
     drafter = make_drafter(args, model)
     opt = torch.optim.AdamW(drafter.parameters(), lr=args.lr, weight_decay=0.0)
     step, history = restore(args, model, drafter, opt) if args.resume else (0, [])
@@ -249,29 +231,29 @@ def run(args, model, train_windows, held_windows) -> dict:
             if args.eval_every and step % args.eval_every == 0 and step < args.steps:
                 metrics = evaluate(model, drafter, held_windows, args)
                 bar.write(f"step {step}: {format_metrics(metrics)}")
-                save_checkpoint(args.out, drafter, model, fields(eval=metrics))
+                save_checkpoint(out_path, drafter, model, fields(eval=metrics))
     except KeyboardInterrupt:
         bar.close()
-        save_checkpoint(args.out, drafter, model, fields())
-        print(f"\ninterrupted after step {step}: saved {args.out}; to continue, add --resume")
-        return fields()
+        save_checkpoint(out_path, drafter, model, fields())
+        print(f"\ninterrupted after step {step}: saved {out_path}; to continue, add --resume")
+        raise  # saved: now stop the caller too (the command line exits 130, so `&&` chains stop)
     bar.close()
-    save_checkpoint(args.out, drafter, model, fields())  # trained: an interrupt from here on loses nothing
+    save_checkpoint(out_path, drafter, model, fields())  # trained: an interrupt from here on loses nothing
 
     metrics = evaluate(model, drafter, held_windows, args, args.top_r)
     print(f"held-out, step {step}: {format_metrics(metrics)}")
     sizes = [n for n in args.tree_sizes if n >= 2]  # 1 node, the root alone, accepts nothing
-    tree, table, step_ms = (select_tree(model, drafter, metrics["accept"], sizes) if sizes
-                            else (chain(args.k), {}, None))
+    tree, curve = select_tree(model, drafter, metrics["accept"], sizes) if sizes else (chain(args.k), None)
     out = fields(eval=metrics, accept_rates=metrics["accept"], tree=[list(p) for p in tree.paths[1:]],
-                 latency_ms={n: ms for n, (_, ms) in table.items()}, step_ms=step_ms, finished=True)
-    save_checkpoint(args.out, drafter, model, out)
+                 latency_ms={r["nodes"]: r["ms"] for r in curve["rows"]} if curve else {},
+                 step_ms=curve["step_ms"] if curve else None, finished=True)
+    save_checkpoint(out_path, drafter, model, out)
     last = history[-20:] or [float("nan")]
     print(f"\n{args.drafter}: {step} steps; this run trained {train_s / 60:.1f} min "
           f"({train_s / max(1, step - first):.2f} s/step); loss {sum(last) / len(last):.3f} (mean of the "
           f"last {len(last)} steps); tree of {tree.size} nodes, expected tau "
           f"{expected_tau(tree, metrics['accept']):.2f}")
-    print(f"saved {args.out}; try it: python decode.py --transfer {args.out} --check")
+    print(f"saved {out_path}; try it: python decode.py --drafter-checkpoint {out_path} --check")
     return out
 
 
@@ -289,46 +271,46 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p)  # --model --device --dtype --seed --threads (and decoding flags, unused here)
-    p.add_argument("--drafter", default="transfer", choices=["transfer", "medusa"],
-                   help="Hidden Transfer projections, or the Medusa-1 baseline heads")
+    p.add_argument("--drafter", default="transfer", choices=list(DRAFTERS),
+                   help="transfer: Hidden Transfer projections; medusa: the Medusa-1 baseline heads")
     # 1800 steps of ~0.75 s (B=1, T=256, P=48, t=20, k=3, fp32, 2-core CPU): ~26 min with evaluations.
     # t = 2L/3: lowest held-out KL at every offset in a 150-step sweep over t = 6,10,15,20,25 (analysis.py).
-    p.add_argument("--steps", type=int, default=1800, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per step")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
-    p.add_argument("--positions-per-seq", type=int, default=48,
+    p.add_argument("--steps", type=int_range(1), default=1800, help="optimizer steps")
+    p.add_argument("--batch-size", type=int_range(1), default=1, help="sequences per step")
+    p.add_argument("--seq-len", type=int_range(2), default=256, help="tokens per window (<= context)")
+    p.add_argument("--positions-per-seq", type=int_range(0), default=48,
                    help="training positions drawn per sequence from assistant turns (0 = all)")
-    p.add_argument("--transfer-layer", type=int, default=None,
+    p.add_argument("--transfer-layer", type=int_range(1), default=None,
                    help="t: pseudo tokens start after layer t; None = 2 * n_layers // 3 (20 for SmolLM2)")
-    p.add_argument("--k", type=int, default=3, help="future offsets drafted per token")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (weight decay 0)")
-    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps before the cosine decay")
-    p.add_argument("--offset-weights", default=None, help="loss weights w_i, e.g. 1,0.8,0.6; None = all 1")
-    p.add_argument("--teacher-topk", type=int, default=0,
+    p.add_argument("--k", type=int_range(1, 64), default=3, help="future offsets drafted per token")
+    p.add_argument("--lr", type=float_range(0, lo_open=True), default=1e-3, help="peak AdamW learning rate")
+    p.add_argument("--warmup", type=int_range(0), default=50, help="warm-up steps before the cosine decay")
+    p.add_argument("--offset-weights", type=list_of(float_range(0)), default=None,
+                   help="loss weights w_i, e.g. 1,0.8,0.6; None = all 1")
+    p.add_argument("--teacher-topk", type=int_range(0), default=0,
                    help="KL over the teacher's top-K tokens only, renormalised (0 = full vocabulary)")
     p.add_argument("--sharegpt", default=None, help="ShareGPT json/jsonl; None = the installed one")
-    p.add_argument("--conversations", type=int, default=2000, help="ShareGPT conversations to read")
-    p.add_argument("--holdout", type=int, default=100, help="conversations held out for evaluation")
-    p.add_argument("--eval-windows", type=int, default=100, help="held-out windows evaluated on")
-    p.add_argument("--eval-every", type=int, default=600, help="evaluate, save every N steps (0: at the end)")
-    p.add_argument("--top-r", type=int, default=10, help="draft ranks measured for the acceptance rates")
-    p.add_argument("--tree-sizes", default="1,2,3,4,6,8,12,16,24,32",
+    p.add_argument("--conversations", type=int_range(1), default=2000, help="ShareGPT conversations to read")
+    p.add_argument("--holdout", type=int_range(1), default=100, help="conversations held out for evaluation")
+    p.add_argument("--eval-windows", type=int_range(1), default=100, help="held-out windows evaluated on")
+    p.add_argument("--eval-every", type=int_range(0), default=600, help="eval and save every N steps; 0: end")
+    p.add_argument("--top-r", type=int_range(1), default=10, help="draft ranks measured for acceptance rates")
+    p.add_argument("--tree-sizes", type=list_of(int_range(1)), default="1,2,3,4,6,8,12,16,24,32",
                    help="tree sizes (nodes, root included) to time at the end ('' = keep a chain)")
-    p.add_argument("--out", default=None, help="checkpoint; None = checkpoints/<drafter>.pt")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
+    p.add_argument("--drafter-checkpoint", default=None,
+                   help="where the drafter is saved (and --resume reads it); None = checkpoints/<drafter>.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --drafter-checkpoint exactly")
     p.add_argument("--cache-dir", default="runs", help="where tokenised windows are cached")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="gpu: a larger recipe for one GPU " + str(PRESETS["gpu"]))
     p.set_defaults(**PRESETS.get(p.parse_known_args(argv)[0].preset, {}))  # a preset moves the defaults
     args = p.parse_args(argv)
-    args.out = args.out or f"checkpoints/{args.drafter}.pt"
-    args.tree_sizes = [int(n) for n in args.tree_sizes.split(",") if n.strip()]
-    args.offset_weights = ([float(w) for w in args.offset_weights.split(",")] if args.offset_weights
-                           else [1.0] * args.k)
+    args.drafter_checkpoint = args.drafter_checkpoint or default_checkpoint(args.drafter)
+    args.offset_weights = args.offset_weights or [1.0] * args.k
     if len(args.offset_weights) != args.k:
         p.error(f"--offset-weights needs {args.k} numbers (one per offset), got {len(args.offset_weights)}")
-    if min(args.steps, args.batch_size, args.k, args.seq_len - args.k - 1) < 1 or args.positions_per_seq < 0:
-        p.error("need positive --steps, --batch-size, --k; --seq-len > k + 1; --positions-per-seq >= 0")
+    if args.seq_len < args.k + 2:  # every window needs a position with k targets after it
+        p.error(f"--seq-len {args.seq_len} must be more than --k + 1 = {args.k + 1}")
     return args
 
 
@@ -338,13 +320,13 @@ def main(argv=None):
     model, tok = load(args)
     try:
         train_windows, held_windows = load_windows(args, model, tok)
-    except (OSError, ValueError) as e:
+        if len(train_windows) < args.batch_size:
+            raise ValueError(f"--batch-size {args.batch_size} is more than the {len(train_windows)} "
+                             "training windows; read more --conversations")
+        return run(args, model, train_windows, held_windows)
+    except (OSError, ValueError) as e:  # a bad data file, a bad checkpoint to --resume, --transfer-layer
         sys.exit(f"error: {e}")
-    if len(train_windows) < args.batch_size:
-        sys.exit(f"error: --batch-size {args.batch_size} is more than the {len(train_windows)} training "
-                 "windows; read more --conversations")
-    return run(args, model, train_windows, held_windows)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -3,20 +3,16 @@ states of the next k tokens (arXiv 2404.12022; METHOD.md, "Notation").
 
 After transfer layer t, real token p's state h^t_p becomes pseudo tokens h~_(p,i) = W_i h^t_p
 (i = 1..k) at positions p+i. They run through layers t+1..L beside the real tokens, then the LM
-head turns them into drafts for positions p+i+1. `HiddenTransfer.tree_pass` is that one forward
-pass; tree.py draws its mask. Read next: decode.py, which turns the drafts into accepted tokens.
+head turns them into drafts for positions p+i+1: `tree_pass` in decoding, `train_pass` in
+training (tree.py draws the mask). Read next: decode.py, which turns drafts into accepted tokens.
 """
-
-import hashlib
-import json
-import os
-from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 
-from model import Transformer, linear
-from tree import after_cache, pseudo_mask, pseudo_positions
+from drafter import Drafter
+from model import KVCache, Transformer, causal_mask, linear
+from tree import after_cache, pseudo_mask, pseudo_positions, pseudo_rows
 
 
 def default_layer(n_layers: int) -> int:
@@ -25,7 +21,9 @@ def default_layer(n_layers: int) -> int:
     return 2 * n_layers // 3
 
 
-class HiddenTransfer(nn.Module):
+class HiddenTransfer(Drafter):
+    kind, title = "transfer", "Hidden Transfer"
+
     def __init__(self, dim: int, k: int, layer: int, bias: bool = True):
         super().__init__()
         self.dim, self.k, self.layer = dim, k, layer  # layer = t: pseudo tokens start after layer t
@@ -36,82 +34,73 @@ class HiddenTransfer(nn.Module):
             if bias:
                 self.proj.bias.zero_()
 
-    def config(self) -> dict:  # what a checkpoint needs to rebuild this module
+    @classmethod
+    def for_model(cls, model: Transformer, k: int, layer: int | None = None) -> "HiddenTransfer":
+        drafter = cls(model.args.dim, k, layer or default_layer(model.args.n_layers))
+        drafter.check(model)
+        return drafter
+
+    def config(self) -> dict:
         return {"dim": self.dim, "k": self.k, "layer": self.layer, "bias": self.proj.bias is not None}
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        y = linear(h, self.proj.weight)                       # model.py's fast CPU product
+    def check(self, model: Transformer):
+        L = model.args.n_layers
+        if not 1 <= self.layer < L:
+            raise ValueError(f"transfer layer {self.layer} must be from 1 to {L - 1} for this {L}-layer model")
+
+    def forward(self, h: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """(..., dim) -> (..., depth, dim): W_1 h .. W_depth h (depth = k by default)."""
+        rows = (depth or self.k) * self.dim                   # only the maps asked for are run
+        y = linear(h, self.proj.weight[:rows])                # model.py's fast CPU product
         if self.proj.bias is not None:
-            y = y + self.proj.bias
-        return y.unflatten(-1, (self.k, self.dim))            # (..., dim) -> (..., k, dim)
+            y = y + self.proj.bias[:rows]
+        return y.unflatten(-1, (-1, self.dim))                # (..., depth*dim) -> (..., depth, dim)
 
-    def tree_pass(self, model: Transformer, tokens, pos, tree_mask, n, cache, nodes=None):
-        """One forward pass over N tree nodes plus k pseudo tokens for each of `nodes` (default: all).
-
-        tokens (1, N), pos (N,): the nodes and their positions; tree_mask (N, N): ancestor mask;
-        n: tokens already in the cache. The nodes are written to cache slots n..n+N-1 in every
-        layer; pseudo tokens exist only in layers t+1..L of this pass and are never cached.
-        Returns the nodes' final hidden states (N, dim), for the LM head to verify them, and the
-        pseudo tokens' final states (len(nodes), k, dim), for `draft_logits`.
-        """
-        N, t = tokens.shape[1], self.layer
+    def tree_pass(self, model, tokens, pos, tree_mask, n, cache, nodes=None, depth=None):
+        """Drafter.tree_pass: layers 1..t over the nodes, then layers t+1..L over the nodes and
+        `depth` pseudo tokens for each of `nodes`, never cached. states: the pseudo tokens' final
+        hidden states (len(nodes), depth, dim)."""
+        N, t, depth = tokens.shape[1], self.layer, depth or self.k
+        if not 1 <= depth <= self.k:
+            raise ValueError(f"depth {depth} must be from 1 to k={self.k}")
         slots = torch.arange(n, n + N, device=tokens.device)
         h = model.run_layers(model.embed(tokens), pos, after_cache(tree_mask, n), slots, cache, 0, t)
 
-        nodes = torch.arange(N, device=tokens.device) if nodes is None else nodes
-        pseudo = self(h[:, nodes]).flatten(1, 2)                       # (1, len(nodes)*k, dim)
-        h = torch.cat([h, pseudo], dim=1)                              # (1, N + len(nodes)*k, dim)
-        all_pos = torch.cat([pos, pseudo_positions(pos[nodes], self.k)])
-        mask = pseudo_mask(tree_mask, n, self.k, nodes)                # (1, N + P, n + N + P)
+        nodes = torch.arange(N) if nodes is None else torch.as_tensor(nodes)
+        nodes = nodes.to(tokens.device)
+        pseudo = self(h[:, nodes], depth).flatten(1, 2)                  # (1, M*depth, dim)
+        h = torch.cat([h, pseudo], dim=1)                                # (1, N + M*depth, dim)
+        all_pos = torch.cat([pos, pseudo_positions(pos[nodes], depth)])
+        mask = pseudo_mask(tree_mask, n, depth, nodes)                   # (1, N + P, n + N + P)
         h = model.run_layers(h, all_pos, mask, slots, cache, t, model.args.n_layers)
-        return h[0, :N], h[0, N:].unflatten(0, (len(nodes), self.k))   # (N, dim), (len(nodes), k, dim)
+        return h[0, :N], h[0, N:].unflatten(0, (len(nodes), depth))     # (N, dim), (M, depth, dim)
 
-    def draft_logits(self, model: Transformer, state: torch.Tensor) -> torch.Tensor:
-        """One node's pseudo states (k, dim) -> its draft logits (k, V): q_1..q_k."""
-        return model.head(state)
+    def draft_logits(self, model: Transformer, states: torch.Tensor) -> torch.Tensor:
+        """Pseudo states (..., depth, dim) -> draft logits (..., depth, V): final norm, LM head."""
+        return model.head(states)
 
+    # ------------------------------------------------------------------------- training
 
-# ----------------------------------------------------------------------------- checkpoints
+    def pseudo_inputs(self, h_t: torch.Tensor, positions: torch.Tensor):
+        """The pseudo tokens of `positions` (B, P) in a window whose real tokens sit in the cache:
+        inputs W_i h^t_p (B, P*k, dim) in the drafter's dtype, positions p + i (B, P*k), and the mask
+        (B, P*k, T + P*k): (p, i) sees real tokens 0..p (the causal row of p) and (p, j <= i)."""
+        B, T, d = h_t.shape
+        src = h_t.gather(1, positions[..., None].expand(-1, -1, d))             # (B, P, d): h^t_p
+        x = self(src.to(self.proj.weight.dtype)).flatten(1, 2)                  # (B, P*k, d)
+        sees = torch.arange(T, device=h_t.device) <= positions[..., None]        # (B, P, T) causal rows
+        return x, pseudo_positions(positions, self.k), pseudo_rows(sees, self.k)
 
-def model_identity(model: Transformer) -> dict:
-    """What a drafter checkpoint must match: the base model's shape and a probe of its weights."""
-    cfg = json.dumps(asdict(model.args), sort_keys=True, default=str)
-    probe = model.tok_embeddings.weight[:4, :8].float().cpu()
-    return {"config_sha": hashlib.sha256(cfg.encode()).hexdigest()[:16], "embedding_probe": probe.tolist()}
-
-
-def check_identity(saved: dict, model: Transformer, path: str):
-    now = model_identity(model)
-    if saved["config_sha"] != now["config_sha"] or not torch.allclose(
-            torch.tensor(saved["embedding_probe"]), torch.tensor(now["embedding_probe"]), atol=1e-2):
-        raise ValueError(f"{path} was trained for a different base model (its config or weights differ "
-                         "from --model): train one for this model with train.py")
-
-
-def save_checkpoint(path: str, drafter: nn.Module, model: Transformer, extra: dict):
-    """Atomic save (write then rename), so an interrupted save never leaves a broken file."""
-    state = {"kind": type(drafter).__name__, "config": drafter.config(),
-             "identity": model_identity(model), "state_dict": drafter.state_dict(), **extra}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path: str, model: Transformer):
-    """(drafter, checkpoint dict). Refuses a checkpoint made for another model."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no drafter checkpoint at {path}: make one with train.py")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    check_identity(ckpt["identity"], model, path)
-    cfg = ckpt["config"]
-    if ckpt["kind"] == "HiddenTransfer":
-        if not 1 <= cfg["layer"] < model.args.n_layers:
-            raise ValueError(f"{path}: transfer layer {cfg['layer']} does not fit a "
-                             f"{model.args.n_layers}-layer model")
-        drafter = HiddenTransfer(**cfg)
-    else:
-        from medusa import Medusa
-        drafter = Medusa(**cfg)
-    drafter.load_state_dict(ckpt["state_dict"])
-    w = model.output.weight
-    return drafter.to(device=w.device, dtype=w.dtype), ckpt
+    def train_pass(self, model, ids, positions):
+        """Drafter.train_pass: one frozen pass keeps h^t and every real token's K/V; the pseudo tokens
+        then run layers t+1..L in one pass against that cache, as they do in decoding."""
+        (B, T), w, L = ids.shape, model.output.weight, model.args.n_layers
+        with torch.no_grad():
+            cache = KVCache(model.args, B, T, w.device, w.dtype)
+            pos, mask = torch.arange(T, device=w.device), causal_mask(T, device=w.device)
+            h_t = model.run_layers(model.embed(ids), pos, mask, pos, cache, 0, self.layer)
+            h_L = model.run_layers(h_t, pos, mask, pos, cache, self.layer, L)
+        x, x_pos, x_mask = self.pseudo_inputs(h_t, positions)
+        none = torch.zeros(0, dtype=torch.long, device=w.device)  # no slots: pseudo tokens are never cached
+        h = model.run_layers(x.to(w.dtype), x_pos, x_mask, none, cache, self.layer, L)
+        return h.unflatten(1, (positions.shape[1], self.k)), h_L             # (B, P, k, d), (B, T, d)

@@ -2,11 +2,13 @@
 
 A tree is a prefix-closed list of rank paths (METHOD.md, "One decoding step"); from it come the
 tokens, RoPE positions, cache slots and masks of one verification pass, including the mask of the
-pseudo tokens in the layers after the transfer layer (METHOD.md, "Attention rules"). Pure tensor
-code, no model. Run `python tree.py` to see a tree and its mask. Read next: decode.py.
+pseudo tokens in the layers after the transfer layer (METHOD.md, "Attention rules"), written once
+for decoding (a tree) and training (a causal window). Pure tensor code, no model. Run
+`python tree.py --pseudo` to see a tree and its masks. Read next: drafter.py.
 """
 
 import argparse
+import copy
 import heapq
 import operator
 
@@ -70,20 +72,20 @@ class Tree:
         for i in range(self.size):
             self.mask[i, self.path_to(i)] = True
 
-        # one row per leaf, root..leaf, so acceptance can read the accepted path off a row
-        leaves = [i for i in range(self.size) if not self.children[i]]
-        self.retrieve = torch.full((len(leaves), self.depth + 1), -1)  # (L, D+1)
-        for row, leaf in enumerate(leaves):
-            path = self.path_to(leaf)
-            self.retrieve[row, :len(path)] = torch.tensor(path)
-
     @classmethod
     def parse(cls, text: str, k: int | None = None, top_r: int | None = None) -> "Tree":
-        """Tree.parse('0;0,0;1') == Tree([(0,), (0, 0), (1,)]): ranks split by ',', paths by ';'."""
+        """Tree.parse('0;0,0;1') == Tree([(0,), (0, 0), (1,)]): ranks split by ',', paths by ';'.
+        'chain' is chain(k), the top-1 token of every draft."""
+        if text.strip() == "chain":
+            if k is None:
+                raise ValueError("tree 'chain' needs k, the number of drafts")
+            return chain(k)
         try:
             paths = [tuple(int(r) for r in p.split(",")) for p in text.split(";") if p.strip()]
         except ValueError:
             raise ValueError(f"tree {text!r} must look like '0;0,0;1' (paths split by ';', ranks by ',')")
+        if not paths:  # the root alone drafts nothing: never what a user typing a tree meant
+            raise ValueError(f"tree {text!r} has no paths: name at least one, e.g. '0' or '0;0,0;1'")
         return cls(paths, k=k, top_r=top_r)
 
     def path_to(self, i: int) -> list[int]:
@@ -94,11 +96,12 @@ class Tree:
             i = int(self.parents[i])
         return path[::-1]
 
-    def to(self, device):
-        """Move the index buffers (parents, depths, ranks, mask, retrieve) to `device`."""
-        for name in ("parents", "depths", "ranks", "mask", "retrieve"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
+    def to(self, device) -> "Tree":
+        """A copy whose index tensors (parents, depths, ranks, mask) live on `device`."""
+        moved = copy.copy(self)
+        for name in ("parents", "depths", "ranks", "mask"):
+            setattr(moved, name, getattr(self, name).to(device))
+        return moved
 
     def tokens(self, root_token, drafts_topr: torch.Tensor) -> torch.Tensor:
         """Token id of every node (N,): the root's is given, node (.., r_j) takes drafts_topr[j-1, r_j].
@@ -113,10 +116,6 @@ class Tree:
         out = drafts_topr[(depths - 1).clamp(min=0), ranks]  # (N,): the root reads a dummy entry
         out[0] = root_token
         return out
-
-    def draft_tokens(self, drafts_topr: torch.Tensor) -> torch.Tensor:
-        """Like tokens(), with -1 at the root for the caller to fill in."""
-        return self.tokens(-1, drafts_topr)
 
     def positions(self, n: int) -> torch.Tensor:
         """RoPE position ids (N,): n + depth."""
@@ -172,6 +171,34 @@ def after_cache(mask: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([cache, mask], dim=1).unsqueeze(0)
 
 
+def pseudo_rows(sees: torch.Tensor, k: int) -> torch.Tensor:
+    """The attention rows of pseudo tokens: (..., M, C) -> (..., M*k, C + M*k) bool.
+
+    sees[a]: the columns (cache, real tokens) that owner token a itself may attend to. Its pseudo
+    tokens (a,1)..(a,k), owner-major, see the same columns plus their siblings (a,j<=i): the one
+    owner/offset rule of METHOD.md's "Attention rules". Decoding passes the tree's ancestor rows,
+    training the causal rows of its window. For two owners and k = 2:
+
+        columns ->   sees   | (a,1) (a,2) (b,1) (b,2)
+        (a,1)       sees[a] |   1     .     .     .
+        (a,2)       sees[a] |   1     1     .     .
+        (b,1)       sees[b] |   .     .     1     .
+        (b,2)       sees[b] |   .     .     1     1
+    """
+    M, dev = sees.shape[-2], sees.device
+    owner = torch.arange(M * k, device=dev) // k   # (M*k,) which owner a pseudo row belongs to
+    offset = torch.arange(M * k, device=dev) % k   # (M*k,) its offset i - 1
+    own = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])  # (M*k, M*k)
+    rows = sees.repeat_interleave(k, dim=-2)                                          # (..., M*k, C)
+    return torch.cat([rows, own.expand(*rows.shape[:-1], M * k)], dim=-1)
+
+
+def pseudo_positions(owner_positions: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., M) -> (..., M*k) RoPE positions of the pseudo tokens, owner-major: (a, i) sits at pos(a) + i."""
+    offsets = torch.arange(1, k + 1, device=owner_positions.device)
+    return (owner_positions[..., None] + offsets).flatten(-2)  # (..., M, k) -> (..., M*k)
+
+
 def pseudo_mask(tree_mask: torch.Tensor, n: int, k: int, nodes=None) -> torch.Tensor:
     """Mask of layers t+1..L: (1, N + M*k, n + N + M*k) bool, M = len(nodes) (all N by default).
 
@@ -186,25 +213,15 @@ def pseudo_mask(tree_mask: torch.Tensor, n: int, k: int, nodes=None) -> torch.Te
         (r,2)    1...1 | 1  . |   1     1     .     .
         (a,1)    1...1 | 1  1 |   .     .     1     .      pseudo (a,i) sees what a sees, a,
         (a,2)    1...1 | 1  1 |   .     .     1     1      and its own pseudo (a,j<=i)
-    `nodes` (tree indices, in the order their pseudo tokens are appended) is the cheaper variant
-    that gives pseudo tokens to only some nodes.
+    `nodes` (tree indices, in the order their pseudo tokens are appended) gives pseudo tokens to
+    only some nodes; k may be less than the drafter's k (fewer drafts per node, see drafter.py).
     """
     N, dev = tree_mask.shape[0], tree_mask.device
     nodes = torch.arange(N, device=dev) if nodes is None else torch.as_tensor(nodes, device=dev)
-    P = nodes.numel() * k
-    owner = torch.arange(P, device=dev) // k   # (P,) which entry of `nodes` a pseudo row belongs to
-    offset = torch.arange(P, device=dev) % k   # (P,) its offset i - 1
-    real = torch.cat([tree_mask, torch.zeros(N, P, dtype=torch.bool, device=dev)], 1)  # (N, N+P)
     # tree_mask[a] already includes a itself (the diagonal), so a row of it is "ancestors of a + a"
-    own = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])     # (P, P)
-    pseudo = torch.cat([tree_mask[nodes].repeat_interleave(k, 0), own], 1)              # (P, N+P)
+    pseudo = pseudo_rows(tree_mask[nodes], k)                                         # (P, N + P)
+    real = torch.cat([tree_mask, torch.zeros(N, pseudo.shape[0], dtype=torch.bool, device=dev)], 1)
     return after_cache(torch.cat([real, pseudo], 0), n)  # (1, N+P, n+N+P)
-
-
-def pseudo_positions(node_positions: torch.Tensor, k: int) -> torch.Tensor:
-    """(M*k,) RoPE positions of the pseudo tokens, node-major: pseudo (a, i) sits at pos(a) + i."""
-    offsets = torch.arange(1, k + 1, device=node_positions.device)
-    return (node_positions[:, None] + offsets).reshape(-1)  # (M, k) -> (M*k,)
 
 
 def _rates(accept) -> torch.Tensor:
@@ -288,7 +305,6 @@ def main(args):
     print(f"\nwith n={args.n} cached tokens:")
     print("position ", tree.positions(args.n).tolist())
     print("slot     ", tree.slots(args.n).tolist())
-    print("retrieve ", tree.retrieve.tolist())
     if args.pseudo:
         m = pseudo_mask(tree.mask, 0, args.k)[0]  # cache columns left out: they are all 1
         labels = [f"[{i}]" for i in range(tree.size)]
@@ -298,14 +314,15 @@ def main(args):
 
 
 if __name__ == "__main__":
+    from generate import int_range, run_main
     parser = argparse.ArgumentParser(description="Print a token tree, its buffers and its masks.")
     parser.add_argument("--paths", default="0;1;0,0;0,1;1,0;0,0,0",
                         help="tree paths without the root: ranks split by ',', paths by ';'")
-    parser.add_argument("--k", type=int, default=3, help="draft offsets; no path may be deeper")
-    parser.add_argument("--n", type=int, default=10, help="cached tokens, for positions and slots")
+    parser.add_argument("--k", type=int_range(1, 64), default=3, help="draft offsets; no path may be deeper")
+    parser.add_argument("--n", type=int_range(0), default=10, help="cached tokens, for positions and slots")
     parser.add_argument("--pseudo", action="store_true",
                         help="also print the pseudo-token mask of the layers after the transfer layer")
     try:
-        main(parser.parse_args())
+        run_main(lambda: main(parser.parse_args()))
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")

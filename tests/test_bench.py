@@ -9,18 +9,15 @@ import pytest
 import torch
 
 import bench
+from checkpoint import save_checkpoint
+from conftest import FakeTokenizer, tiny
 from generate import Generation
 from latency import latency_curve, latency_report, pass_latency, step_latency
 from medusa import Medusa
-from model import ModelArgs, Transformer
-from transfer import HiddenTransfer, save_checkpoint
+from transfer import HiddenTransfer
 from tree import Tree, chain
 
 WIDE = Tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], k=3)
-
-
-def tiny(seed=0):
-    return Transformer(ModelArgs.tiny()).init_random(seed, std=0.15).eval()
 
 
 def perturbed(drafter, seed=0):
@@ -31,26 +28,13 @@ def perturbed(drafter, seed=0):
     return drafter
 
 
-class FakeTokenizer:
-    """Characters <-> ids, a made-up chat format; just enough for bench.run_bench."""
-    stop_ids = {95}
-
-    def encode_chat(self, messages):
-        text = "".join(f"<{m['role'][0]}>{m['content']}" for m in messages) + "<a>"
-        ids = [ord(c) % 90 + 1 for c in text][-48:]  # keep the tiny model's context small
-        return ids, [False] * len(ids)
-
-    def decode(self, ids):
-        return "".join(chr(32 + i % 90) for i in ids)
-
-
 PROMPTS = [("writing", ["Write a poem.", "Shorter, please."]), ("math", ["What is 2 + 2?"]),
            ("coding", ["Reverse a list in Python."])]
 
 
 def methods(model):
     dim = model.args.dim
-    return {"plain": None, "ht": (perturbed(HiddenTransfer(dim, 3, 2)), chain(3)),
+    return {"plain": None, "transfer": (perturbed(HiddenTransfer(dim, 3, 2)), chain(3)),
             "medusa": (perturbed(Medusa(dim, 3), seed=1), WIDE)}
 
 
@@ -96,11 +80,11 @@ def test_run_bench_is_lossless_and_reports_every_method_and_category(temperature
     s = results["summary"]
     assert s["plain"]["tau"] == 1.0 and s["plain"]["passes"] == s["plain"]["tokens"] - 4
     assert s["plain"]["speedup"]["median"] == 1.0
-    for m in ("ht", "medusa"):
+    for m in ("transfer", "medusa"):
         assert s[m]["mismatches"] == 0 and len(s[m]["alpha"]) == 3
         assert s[m]["tokens"] == s["plain"]["tokens"] and s[m]["passes"] <= s["plain"]["passes"]
     text = bench.report(results)
-    for word in ("plain", "ht", "medusa", "writing", "math", "coding", "tree of medusa: 7 nodes"):
+    for word in ("plain", "transfer", "medusa", "writing", "math", "coding", "tree of medusa: 7 nodes"):
         assert word in text
     json.dumps(results)  # everything the CLI saves must be plain json
 
@@ -122,10 +106,10 @@ def test_a_wrong_drafter_is_caught_as_a_mismatch():
             hidden, states = super().tree_pass(*a, **kw)
             return hidden + 5 * torch.randn_like(hidden), states
     model = tiny()
-    results = bench.run_bench(model, FakeTokenizer(), {"plain": None, "ht": (Broken(64, 3, 2), chain(3))},
+    results = bench.run_bench(model, FakeTokenizer(), {"plain": None, "transfer": (Broken(64, 3, 2), chain(3))},
                               PROMPTS[1:], 16)
-    assert results["summary"]["ht"]["mismatches"] == 2
-    assert "MISMATCH: ht on prompt 0 (math, turn 1)" in bench.report(results)
+    assert results["summary"]["transfer"]["mismatches"] == 2
+    assert "MISMATCH: transfer on prompt 0 (math, turn 1)" in bench.report(results)
 
 
 def test_ctrl_c_keeps_the_prompts_every_method_finished():
@@ -140,7 +124,7 @@ def test_ctrl_c_keeps_the_prompts_every_method_finished():
     model = tiny()
     ht = (Interrupting(64, 3, 2), chain(3))
     # plain listed last: run_bench still runs it first, as the others are compared with it
-    results = bench.run_bench(model, FakeTokenizer(), {"ht": ht, "plain": None}, PROMPTS, 24)
+    results = bench.run_bench(model, FakeTokenizer(), {"transfer": ht, "plain": None}, PROMPTS, 24)
     assert results["interrupted"] and 1 <= len(results["runs"]) < 4
     assert "INTERRUPTED" in bench.report(results)
 
@@ -148,7 +132,7 @@ def test_ctrl_c_keeps_the_prompts_every_method_finished():
 def test_plain_is_required():
     model = tiny()
     with pytest.raises(ValueError, match="plain"):
-        bench.run_bench(model, FakeTokenizer(), {"ht": methods(model)["ht"]}, PROMPTS, 4)
+        bench.run_bench(model, FakeTokenizer(), {"transfer": methods(model)["transfer"]}, PROMPTS, 4)
 
 
 # ----------------------------------------------------------------------------- latency
@@ -163,7 +147,7 @@ def test_latency_curve_and_report():
     curve = latency_curve(model, drafter, accept, sizes=(1, 4), n_ctx=20, reps=1)
     r = curve["rows"][1]
     assert r["tau"] > 1 and r["speedup"] == pytest.approx(r["tau"] / r["ratio"])
-    assert "| 4 |" in latency_report("ht", curve)
+    assert "| 4 |" in latency_report("transfer", curve)
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -176,7 +160,7 @@ def injected(monkeypatch):
     return model
 
 
-def one_line_exit(capsys, argv, code=2) -> str:
+def one_line_exit(capsys, argv, code=1) -> str:
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
     assert e.value.code == code
@@ -189,36 +173,46 @@ def test_main_end_to_end(injected, tmp_path, capsys):
     out = tmp_path / "r.json"
     bench.main(["--untrained", "--prompts", "3", "--both-turns", "--max-new-tokens", "6", "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert list(saved["summary"]) == ["plain", "ht", "medusa"] and len(saved["runs"]) == 6
+    assert list(saved["summary"]) == ["plain", "transfer", "medusa"] and len(saved["runs"]) == 6
     assert list(saved["categories"]) == ["writing", "roleplay", "reasoning"]
     assert "| medusa |" in capsys.readouterr().out
 
 
 def test_main_latency(injected, tmp_path, capsys):
     out = tmp_path / "lat.json"
-    bench.main(["--latency", "--untrained", "--methods", "ht", "--out", str(out)])
+    bench.main(["--latency", "--untrained", "--methods", "transfer", "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert [r["nodes"] for r in saved["latency"]["ht"]["rows"]] == [1, 2, 4, 8, 16, 32, 64]
+    assert [r["nodes"] for r in saved["latency"]["transfer"]["rows"]] == [1, 2, 4, 8, 16, 32, 64]
     assert "ratio to one-token step" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--transfer", "nowhere/t.pt"], "python train.py`"),
-    (["--methods", "plain,medusa", "--medusa", "nowhere/m.pt"], "python train.py --drafter medusa"),
-])
-def test_missing_checkpoint_is_one_line_and_exit_2(capsys, argv, needle):
-    err = one_line_exit(capsys, argv)
-    assert "nowhere/" in err and needle in err
+def test_missing_checkpoint_is_one_line_and_exit_1(capsys, tmp_path, monkeypatch):
+    err = one_line_exit(capsys, ["--drafter-checkpoint", "nowhere/t.pt"])     # a path the user typed
+    assert "nowhere/t.pt" in err
+    monkeypatch.chdir(tmp_path)  # no checkpoints/ here: a default path asked for by --methods is missing
+    err = one_line_exit(capsys, ["--methods", "plain,medusa"])
+    assert "checkpoints/medusa.pt" in err and "python train.py --drafter medusa" in err
 
 
 def test_checkpoint_for_another_model_or_kind(injected, tmp_path, capsys):
     other = tiny(seed=7)
     save_checkpoint(str(tmp_path / "t.pt"), HiddenTransfer(64, 3, 2), other, {})
-    err = one_line_exit(capsys, ["--methods", "plain,ht", "--transfer", str(tmp_path / "t.pt")])
+    err = one_line_exit(capsys, ["--methods", "plain,transfer", "--drafter-checkpoint", str(tmp_path / "t.pt")])
     assert "different base model" in err
     save_checkpoint(str(tmp_path / "m.pt"), Medusa(64, 3), injected, {"tree": [[0], [1]]})
-    err = one_line_exit(capsys, ["--methods", "plain,ht", "--transfer", str(tmp_path / "m.pt")])
-    assert "holds a Medusa drafter" in err
+    err = one_line_exit(capsys, ["--methods", "plain,transfer", "--drafter-checkpoint", str(tmp_path / "m.pt")])
+    assert "holds a medusa drafter" in err
+
+
+def test_checkpoints_serve_the_method_of_their_kind(injected, tmp_path, capsys):
+    save_checkpoint(str(tmp_path / "m.pt"), perturbed(Medusa(64, 3)), injected, {"tree": [[0], [1]]})
+    save_checkpoint(str(tmp_path / "t.pt"), perturbed(HiddenTransfer(64, 3, 2)), injected, {})
+    out = tmp_path / "r.json"
+    bench.main(["--drafter-checkpoint", str(tmp_path / "m.pt"), "--drafter-checkpoint", str(tmp_path / "t.pt"),
+                "--prompts", "1", "--max-new-tokens", "6", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["trees"]["medusa"]["size"] == 3 and saved["trees"]["transfer"]["size"] == 4
+    assert saved["mismatches"] == []
 
 
 def test_missing_mtbench_package_is_one_line(monkeypatch, capsys):
@@ -228,7 +222,7 @@ def test_missing_mtbench_package_is_one_line(monkeypatch, capsys):
     assert "MT-Bench is not installed" in err
 
 
-@pytest.mark.parametrize("argv", [["--methods", "plain,eagle"], ["--methods", "ht"], ["--prompts", "0"]])
+@pytest.mark.parametrize("argv", [["--methods", "plain,eagle"], ["--methods", "transfer"], ["--prompts", "0"]])
 def test_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(argv + ["--untrained"])

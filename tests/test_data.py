@@ -4,8 +4,6 @@ and batches. No model needed; a character-level fake tokenizer stands in for the
 import argparse
 import itertools
 import json
-import sys
-import types
 from collections import Counter
 
 import pytest
@@ -271,10 +269,8 @@ def test_batch_size_larger_than_data_fails_loudly():
 
 def test_cli_prints_counts_sample_and_categories(tmp_path, monkeypatch, capsys):
     # Stand-ins for tokenizer.py and weights.py keep this fast and independent of the model.
-    monkeypatch.setitem(sys.modules, "tokenizer",
-                        types.SimpleNamespace(load_tokenizer=lambda path: CharTokenizer()))
-    monkeypatch.setitem(sys.modules, "weights",
-                        types.SimpleNamespace(default_model_path=lambda: "fake"))
+    monkeypatch.setattr(data, "load_tokenizer", lambda path: CharTokenizer())
+    monkeypatch.setattr(data, "default_model_path", lambda: "fake")
     path = write_array(tmp_path / "ok.json", [record(9, ("gpt", "orphan"))] + RECORDS)
     data.main(argparse.Namespace(sharegpt=str(path), mtbench=None, model=None, limit=None,
                                  sample_chars=100))
@@ -282,12 +278,3 @@ def test_cli_prints_counts_sample_and_categories(tmp_path, monkeypatch, capsys):
     assert "records read 6, kept 5, skipped 1" in out and "kept turns 10" in out
     assert "<question 0><answer 0>" in out
     assert "MT-Bench: 80 questions, 8 categories" in out
-
-
-def test_cli_without_tokenizer_still_prints_counts(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "tokenizer", None)  # import tokenizer -> ImportError
-    path = write_array(tmp_path / "ok.json", RECORDS)
-    data.main(argparse.Namespace(sharegpt=str(path), mtbench=None, model=None, limit=2,
-                                 sample_chars=100))
-    out = capsys.readouterr().out
-    assert "kept 2" in out and "no sample" in out and "MT-Bench: 80" in out

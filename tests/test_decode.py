@@ -10,9 +10,11 @@ import random
 import pytest
 import torch
 
+from conftest import tiny
 from decode import accept, generate_tree
 from generate import Sampler, generate
-from model import KVCache, ModelArgs, Transformer, causal_mask
+from medusa import Medusa
+from model import KVCache, causal_mask
 from transfer import HiddenTransfer
 from tree import Tree, chain
 
@@ -23,11 +25,6 @@ TREES = {
     "wide": Tree([(0,), (1,), (2,), (3,), (0, 0), (1, 0)], k=3),
     "deep": Tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 1, 0), (0, 0, 1)], k=3),
 }
-
-
-def tiny(seed, **kw):
-    args = ModelArgs.tiny(**kw)
-    return Transformer(args).init_random(seed, std=0.15).eval()
 
 
 def random_transfer(model, layer, k=3, seed=0):
@@ -47,8 +44,8 @@ class Oracle(HiddenTransfer):
         super().__init__(model.args.dim, k, layer)
         self.ref, self.rng, self.V = reference, random.Random(seed), model.args.vocab_size
 
-    def tree_pass(self, model, tokens, pos, tree_mask, n, cache, nodes=None):
-        hidden, _ = super().tree_pass(model, tokens, pos, tree_mask, n, cache, nodes)
+    def tree_pass(self, model, tokens, pos, tree_mask, n, cache, nodes=None, depth=None):
+        hidden, _ = super().tree_pass(model, tokens, pos, tree_mask, n, cache, nodes, depth)
         nodes = torch.arange(tokens.shape[1]) if nodes is None else nodes
         return hidden, pos[nodes]  # the "state" of a node is just its position
 
@@ -175,7 +172,7 @@ def test_real_tokens_never_see_pseudo_tokens():
         cache = KVCache(model.args, 1, 32)
         model(prompt, torch.arange(n), causal_mask(n), torch.arange(n), cache)
         hidden, states = random_transfer(model, 2, seed=seed).tree_pass(
-            model, tokens, n + tree.depths, tree.mask, n, cache)
+            model, tokens, tree.positions(n), tree.mask, n, cache)
         outs.append((model.head(hidden), states))
     assert torch.equal(outs[0][0], outs[1][0]), "a real token's logits depend on the projection"
     assert not torch.allclose(outs[0][1], outs[1][1]), "the pseudo tokens should depend on it"
@@ -189,12 +186,47 @@ def test_tree_pass_real_logits_equal_plain_forward():
     tokens = torch.randint(0, model.args.vocab_size, (1, tree.size), generator=torch.Generator().manual_seed(0))
     cache = KVCache(model.args, 1, 32)
     model(torch.tensor([ctx]), torch.arange(n), causal_mask(n), torch.arange(n), cache)
-    hidden, _ = random_transfer(model, 1).tree_pass(model, tokens, n + tree.depths, tree.mask, n, cache)
+    hidden, _ = random_transfer(model, 1).tree_pass(model, tokens, tree.positions(n), tree.mask, n, cache)
     logits = model.head(hidden)
     for i in range(tree.size):
         seq = ctx + tokens[0, tree.path_to(i)].tolist()
         full = model(torch.tensor([seq]), torch.arange(len(seq)), causal_mask(len(seq)))[0, -1]
         torch.testing.assert_close(logits[i], full, rtol=0, atol=1e-5)
+
+
+def random_medusa(model, seed=0):
+    m = Medusa(model.args.dim, 3)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        m.proj.weight.normal_(0, 0.3, generator=g)
+        m.proj.bias.normal_(0, 0.1, generator=g)
+    return m
+
+
+@pytest.mark.parametrize("make", [random_transfer, random_medusa], ids=["transfer", "medusa"])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_fewer_drafts_per_node_are_the_first_drafts(make, depth):
+    """tree_pass(depth=d) builds only d drafts per node, and they are the first d of the full k:
+    pseudo (a, i) never sees (a, j > i), so dropping them changes no kept draft."""
+    model = tiny(9)
+    drafter = make(model, seed=depth) if make is random_medusa else make(model, 2, seed=depth)
+    tree, n = TREES["deep"], 5
+    tokens = torch.randint(0, model.args.vocab_size, (1, tree.size), generator=torch.Generator().manual_seed(1))
+    outs = []
+    for d in (depth, None):
+        cache = KVCache(model.args, 1, 32)
+        model(torch.tensor([[9, 8, 7, 6, 5]]), torch.arange(n), causal_mask(n), torch.arange(n), cache)
+        with torch.no_grad():
+            hidden, states = drafter.tree_pass(model, tokens, tree.positions(n), tree.mask, n, cache,
+                                               nodes=[0, 3, 5], depth=d)
+            outs.append((hidden, drafter.draft_logits(model, states)))      # (N, dim), (3, d, V)
+    (hidden_d, logits_d), (hidden_k, logits_k) = outs
+    assert logits_d.shape[:2] == (3, depth) and logits_k.shape[:2] == (3, 3)
+    torch.testing.assert_close(hidden_d, hidden_k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits_d, logits_k[:, :depth], rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits_d.argmax(-1), logits_k[:, :depth].argmax(-1))
+    with pytest.raises(ValueError, match="depth"):
+        drafter.tree_pass(model, tokens, tree.positions(n), tree.mask, n, cache, depth=4)
 
 
 # ----------------------------------------------------------------------------- the acceptance walk alone

@@ -4,16 +4,13 @@ through decode.generate_tree is lossless; a checkpoint round-trips. Tiny random 
 
 import torch
 
+from checkpoint import load_drafter, save_checkpoint
+from conftest import tiny
 from decode import generate_tree
 from generate import Sampler, generate
 from medusa import Medusa
-from model import KVCache, ModelArgs, Transformer, causal_mask
-from transfer import load_checkpoint, save_checkpoint
+from model import KVCache, causal_mask
 from tree import Tree, chain
-
-
-def tiny(seed=0):
-    return Transformer(ModelArgs.tiny()).init_random(seed, std=0.15).eval()
 
 
 def test_heads_at_init_equal_the_models_next_token_logits():
@@ -68,6 +65,7 @@ def test_medusa_decoding_is_lossless():
 def test_checkpoint_round_trip(tmp_path):
     model, medusa = tiny(), random_medusa()
     save_checkpoint(str(tmp_path / "m.pt"), medusa, model, {"tree": [[0]]})
-    loaded, ckpt = load_checkpoint(str(tmp_path / "m.pt"), model)
-    assert isinstance(loaded, Medusa) and ckpt["config"] == {"dim": 64, "k": 3}
+    loaded, tree, note = load_drafter(model, str(tmp_path / "m.pt"))
+    assert isinstance(loaded, Medusa) and loaded.config() == {"dim": 64, "k": 3}
     assert torch.equal(loaded.proj.weight, medusa.proj.weight)
+    assert tree.paths == [(), (0,)] and "(medusa)" in note

@@ -8,40 +8,26 @@ import pytest
 import torch
 
 import train
-from analysis import evaluate
+from checkpoint import build_drafter, load_drafter, open_checkpoint
+from conftest import fake_windows, tiny
 from decode import generate_tree
 from generate import Sampler, generate
 from medusa import Medusa
-from model import KVCache, ModelArgs, Transformer
-from transfer import HiddenTransfer, load_checkpoint
+from model import KVCache
+from transfer import HiddenTransfer
 
 T = 24  # window length of the fake data
 
 
-def tiny(seed=0):
-    return Transformer(ModelArgs.tiny()).init_random(seed, std=0.15).eval()
-
-
-def fake_windows(n, seed=0, vocab=96):
-    """n windows of T tokens: a user turn of 4-8 tokens, then an assistant reply, repeated."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(vocab, (T,), generator=g)
-        mask = torch.zeros(T, dtype=torch.bool)
-        p = 0
-        while p < T:
-            user = int(torch.randint(4, 9, (), generator=g))
-            mask[p + user:p + user + 10] = True
-            p += user + 10
-        out.append((ids, mask))
-    return out
+def load_checkpoint(path, model):
+    ckpt = open_checkpoint(path)
+    return build_drafter(ckpt, path, model), ckpt
 
 
 def args_for(tmp_path, *flags):
     return train.parse_args(["--seq-len", str(T), "--positions-per-seq", "6", "--transfer-layer", "2",
                              "--lr", "1e-2", "--warmup", "2", "--eval-every", "0", "--tree-sizes", "2,3",
-                             "--out", str(tmp_path / "drafter.pt"), *flags])
+                             "--drafter-checkpoint", str(tmp_path / "drafter.pt"), *flags])
 
 
 def random_drafter(kind, model, seed=0):
@@ -54,18 +40,6 @@ def random_drafter(kind, model, seed=0):
 
 
 # ----------------------------------------------------------------------------- the pieces
-
-def test_training_mask_golden():
-    m = train.training_mask(torch.tensor([[1, 2]]), k=2, T=4)
-    golden = torch.tensor([
-        # x0 x1 x2 x3 (1,1) (1,2) (2,1) (2,2)
-        [1, 1, 0, 0, 1, 0, 0, 0],   # (1,1)
-        [1, 1, 0, 0, 1, 1, 0, 0],   # (1,2)
-        [1, 1, 1, 0, 0, 0, 1, 0],   # (2,1)
-        [1, 1, 1, 0, 0, 0, 1, 1],   # (2,2)
-    ], dtype=torch.bool)
-    assert m.shape == (1, 4, 8) and torch.equal(m[0], golden)
-
 
 def test_positions_follow_the_assistant_rule():
     assistant = torch.tensor([[0, 0, 1, 1, 0, 1, 1, 1], [0, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
@@ -80,9 +54,8 @@ def test_positions_follow_the_assistant_rule():
 
 def test_teacher_rows_are_the_base_model_distributions():
     model, ids = tiny(), fake_windows(2)[0][0][None]
-    drafter = HiddenTransfer(64, 3, 2)
-    _, h_L, _ = train.frozen_pass(model, drafter, ids)
     positions = torch.tensor([[3, 10, 22]])
+    _, h_L = HiddenTransfer(64, 3, 2).train_pass(model, ids, positions)
     teacher = train.teacher_logprobs(model, h_L, positions, 3)                  # (1, 3, 3, V)
     full = torch.log_softmax(model(ids, torch.arange(T), torch.ones(1, T, T).tril().bool()), -1)
     for a, p in enumerate(positions[0].tolist()):
@@ -99,8 +72,7 @@ def test_training_pseudo_logits_equal_decoding(kind):
     ids = torch.stack([ids, ids2])                                             # (2, T)
     positions = torch.tensor([[0, 5, 11, 20], [2, 3, 17, 23]])
     with torch.no_grad():
-        h_t, h_L, cache = train.frozen_pass(model, drafter, ids)
-        logits = drafter.draft_logits(model, train.draft_states(model, drafter, h_t, h_L, cache, positions))
+        logits = drafter.draft_logits(model, drafter.train_pass(model, ids, positions)[0])  # (B, P, k, V)
         for b in range(2):
             for a, p in enumerate(positions[b].tolist()):
                 prefix = ids[b:b + 1, :p + 1]
@@ -133,8 +105,7 @@ def test_base_model_is_untouched_and_checkpoint_decodes(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert out["finished"] and len(out["eval"]["top1"]) == 3 and set(out["latency_ms"]) == {3, 4}
     # what train.py saves, decode.py can use, losslessly
-    from decode import load_drafter
-    drafter, tree, _ = load_drafter(model, args.out)
+    drafter, tree, _ = load_drafter(model, args.drafter_checkpoint)
     assert [list(p) for p in tree.paths[1:]] == out["tree"]
     prompt = fake_windows(1, seed=2)[0][0][:10].tolist()
     assert (generate_tree(model, drafter, prompt, tree, 20, Sampler()).tokens
@@ -161,13 +132,14 @@ def test_ctrl_c_saves_and_resume_is_exact(kind, tmp_path, monkeypatch):
     args = args_for(tmp_path / "b", "--drafter", kind, "--steps", "6", "--tree-sizes", "")
     with monkeypatch.context() as m:
         interrupt_after(m, 3)
-        train.run(args, model, data, held)
-    drafter, ckpt = load_checkpoint(args.out, model)
+        with pytest.raises(KeyboardInterrupt):  # saved first, then passed on (the CLI exits 130)
+            train.run(args, model, data, held)
+    drafter, ckpt = load_checkpoint(args.drafter_checkpoint, model)
     assert ckpt["step"] == 3 and not ckpt.get("finished") and len(ckpt["history"]) == 3
     resumed = train.run(train.parse_args(list(args_flags(args)) + ["--resume"]), model, data, held)
     assert resumed["history"] == whole["history"]
     a = load_checkpoint(str(tmp_path / "a" / "drafter.pt"), model)[0]
-    b = load_checkpoint(args.out, model)[0]
+    b = load_checkpoint(args.drafter_checkpoint, model)[0]
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
 
@@ -175,7 +147,7 @@ def test_ctrl_c_saves_and_resume_is_exact(kind, tmp_path, monkeypatch):
 def args_flags(args):
     """The command line that made `args` (what a user types again to resume)."""
     return ["--seq-len", str(T), "--positions-per-seq", "6", "--transfer-layer", "2", "--lr", "1e-2",
-            "--warmup", "2", "--eval-every", "0", "--tree-sizes", "", "--out", args.out,
+            "--warmup", "2", "--eval-every", "0", "--tree-sizes", "", "--drafter-checkpoint", args.drafter_checkpoint,
             "--drafter", args.drafter, "--steps", str(args.steps)]
 
 
@@ -191,7 +163,7 @@ def test_resume_refuses_other_flags(tmp_path):
 def test_evaluate_counts_identity_agreement():
     """With an oracle-free check: accept rates are shares, top-1 = rank 0, top-5 = ranks 0..4."""
     model = tiny()
-    m = evaluate(model, Medusa(64, 3), fake_windows(3), args_for_eval(), top_r=8)
+    m = train.evaluate(model, Medusa(64, 3), fake_windows(3), args_for_eval(), top_r=8)
     acc = torch.tensor(m["accept"])
     assert acc.shape == (3, 8) and bool((acc.sum(1) <= 1 + 1e-6).all())
     assert m["top1"] == acc[:, 0].tolist() and torch.allclose(torch.tensor(m["top5"]), acc[:, :5].sum(1))

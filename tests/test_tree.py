@@ -11,7 +11,7 @@ from argparse import Namespace
 import pytest
 import torch
 
-from tree import Tree, build_tree, chain, expected_tau, main, pseudo_mask, pseudo_positions
+from tree import Tree, build_tree, chain, expected_tau, main, pseudo_mask, pseudo_positions, pseudo_rows
 
 
 def bools(rows):
@@ -35,7 +35,6 @@ def test_chain_of_three():
                                       "1 1 1 1"]))
     assert t.positions(5).tolist() == [5, 6, 7, 8]
     assert t.slots(5).tolist() == [5, 6, 7, 8]
-    assert t.retrieve.tolist() == [[0, 1, 2, 3]]
     assert t.path_to(3) == [0, 1, 2, 3]
     assert torch.equal(t.attention_mask(2), bools(["1 1 1 . . .",
                                                    "1 1 1 1 . .",
@@ -65,7 +64,6 @@ def test_two_by_two_tree():
                                       "1 . 1 . . 1"]))
     assert t.positions(7).tolist() == [7, 8, 8, 9, 9, 9]   # one depth, one position
     assert t.slots(7).tolist() == [7, 8, 9, 10, 11, 12]    # one node, one slot
-    assert t.retrieve.tolist() == [[0, 1, 3], [0, 1, 4], [0, 2, 5]]
     assert t.path_to(5) == [0, 2, 5]
     assert t.attention_mask(1).shape == (1, 6, 7)
 
@@ -90,13 +88,11 @@ def test_unsorted_sparse_ranks():
                                       "1 1 . 1 1"]))
     assert t.positions(0).tolist() == [0, 1, 1, 2, 3]
     assert t.slots(0).tolist() == [0, 1, 2, 3, 4]
-    assert t.retrieve.tolist() == [[0, 2, -1, -1], [0, 1, 3, 4]]
 
 
 def test_root_only():
     t = Tree([])
     assert (t.size, t.depth) == (1, 0)
-    assert t.retrieve.tolist() == [[0]]
     assert t.tokens(5, torch.zeros(1, 1, dtype=torch.long)).tolist() == [5]
 
 
@@ -105,7 +101,6 @@ def test_tokens_map_ranks_to_draft_tokens():
     drafts = torch.tensor([[10, 11, 12],   # ranked top tokens of q_1
                            [20, 21, 22]])  # ranked top tokens of q_2
     assert t.tokens(7, drafts).tolist() == [7, 10, 11, 20, 21, 20]
-    assert t.draft_tokens(drafts).tolist() == [-1, 10, 11, 20, 21, 20]
     with pytest.raises(ValueError, match="too small"):
         t.tokens(7, drafts[:1])
     with pytest.raises(ValueError, match="too small"):
@@ -118,8 +113,16 @@ def test_parse_and_top_r():
     assert (t.k, t.top_r) == (2, 2)          # top_r defaults to the fewest ranks the tree reads
     assert Tree([(0,)], top_r=5).top_r == 5  # ... or is kept as given
     assert Tree([]).top_r == 1
+    assert Tree.parse("chain", k=3).paths == chain(3).paths
     with pytest.raises(ValueError, match="must look like"):
         Tree.parse("0;a")
+
+
+def test_to_moves_a_copy():
+    t = Tree([(0,), (1,)])
+    moved = t.to("meta")
+    assert moved.mask.device.type == "meta" and moved.depths.device.type == "meta"
+    assert t.mask.device.type == "cpu" and moved.paths == t.paths
 
 
 # ----------------------------------------------------------------------------- validation
@@ -152,6 +155,22 @@ def test_pseudo_mask_golden():
                                  "1 1 1  1 1  . . 1 .",     # (a,1)
                                  "1 1 1  1 1  . . 1 1"]).unsqueeze(0))  # (a,2)
     assert pseudo_positions(torch.tensor([3, 4]), 2).tolist() == [4, 5, 5, 6]
+
+
+def test_pseudo_rows_for_training_golden():
+    # training: a window of T = 4 real tokens in the cache, pseudo tokens for p = 1 and 2, k = 2;
+    # the owner rows are causal rows (p sees 0..p), the same rule as decoding's tree rows
+    sees = torch.arange(4) <= torch.tensor([[1, 2]])[..., None]    # (1, 2, 4)
+    golden = bools([
+        # x0 x1 x2 x3 (1,1) (1,2) (2,1) (2,2)
+        "1 1 . .  1 . . .",   # (1,1)
+        "1 1 . .  1 1 . .",   # (1,2)
+        "1 1 1 .  . . 1 .",   # (2,1)
+        "1 1 1 .  . . 1 1",   # (2,2)
+    ])
+    m = pseudo_rows(sees, k=2)
+    assert m.shape == (1, 4, 8) and torch.equal(m[0], golden)
+    assert pseudo_positions(torch.tensor([[1, 2]]), 2).tolist() == [[2, 3, 3, 4]]
 
 
 def test_pseudo_mask_for_some_nodes():
@@ -272,8 +291,8 @@ def test_masks_line_up_with_the_model():
                              t.slots(n), cache, start=split)
         with_pseudo = model.head(h)[:, :t.size]
 
-        for leaf_row in t.retrieve.tolist():
-            path = [i for i in leaf_row if i >= 0]
+        for leaf in (i for i in range(t.size) if not t.children[i]):
+            path = t.path_to(leaf)
             seq = torch.cat([prompt, nodes[:, path]], 1)
             ref = model(seq, torch.arange(seq.shape[1]), causal_mask(seq.shape[1]))[:, n:]
             torch.testing.assert_close(plain[:, path], ref, rtol=1e-5, atol=1e-5)

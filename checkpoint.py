@@ -1,0 +1,168 @@
+"""Drafter checkpoints: the registry of drafter kinds, saving, and the ONE loader every script uses.
+
+A checkpoint file is a dict saved by torch.save: kind (a key of DRAFTERS), config (the drafter's
+constructor arguments), identity (which base model it was trained for), state_dict, and whatever
+train.py adds (tree, accept_rates, optimizer, ...). Loading refuses anything else in one line
+naming the file (CheckpointError). Files are written atomically (save_atomic). Read next: data.py.
+"""
+
+import hashlib
+import json
+import os
+import pickle
+from dataclasses import asdict
+
+import torch
+
+from drafter import Drafter
+from medusa import Medusa
+from model import Transformer
+from transfer import HiddenTransfer
+from tree import Tree, chain
+
+# The drafter kinds: --drafter flags, reports and checkpoints' "kind" all use these names.
+DRAFTERS = {HiddenTransfer.kind: HiddenTransfer, Medusa.kind: Medusa}
+OLD_KINDS = {"HiddenTransfer": "transfer", "Medusa": "medusa"}  # read in checkpoints saved before the names
+
+
+def register(cls: type[Drafter]) -> type[Drafter]:
+    """Add a Drafter subclass under cls.kind (a new drafter needs no other project file)."""
+    DRAFTERS[cls.kind] = cls
+    return cls
+
+
+class CheckpointError(ValueError):
+    """A drafter checkpoint that cannot be used. The message is one line that names the file."""
+
+
+def default_checkpoint(kind: str) -> str:
+    """Where train.py --drafter KIND saves, and every script looks when given no path."""
+    return f"checkpoints/{kind}.pt"
+
+
+def train_command(kind: str) -> str:
+    return "python train.py" + ("" if kind == "transfer" else f" --drafter {kind}")
+
+
+def save_atomic(path: str, obj):
+    """Write obj to path (JSON for a .json path, torch.save otherwise) through a temporary file and a
+    rename: an interrupted write leaves the old file or none, never half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".json"):
+        with open(path + ".tmp", "w") as f:
+            json.dump(obj, f, indent=1)
+    else:
+        torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------- saving
+
+def model_identity(model: Transformer) -> dict:
+    """What a drafter checkpoint must match: the base model's shape and a probe of its weights."""
+    cfg = json.dumps(asdict(model.args), sort_keys=True, default=str)
+    probe = model.tok_embeddings.weight[:4, :8].float().cpu()
+    return {"config_sha": hashlib.sha256(cfg.encode()).hexdigest()[:16], "embedding_probe": probe.tolist()}
+
+
+def save_checkpoint(path: str, drafter: Drafter, model: Transformer, extra: dict):
+    state = {"kind": drafter.kind, "config": drafter.config(), "identity": model_identity(model),
+             "state_dict": drafter.state_dict(), **extra}
+    save_atomic(path, state)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def open_checkpoint(path: str, kind: str | None = None) -> dict:
+    """The checkpoint dict in `path`, checked as a file (no model needed, so scripts call it before
+    the slow model load): it exists, torch.load reads it without running code (weights_only), it
+    has the fields save_checkpoint writes, and it holds a known kind (`kind`, if given)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"no drafter checkpoint at {path}: make one with train.py "
+                              "(--drafter-checkpoint names where it saves)")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory, not a drafter checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):
+            raise CheckpointError(f"{path} is not safe to load: it holds Python objects that could run "
+                                  "code, and torch.load(weights_only=True) refused it") from None
+        raise CheckpointError(f"{path} is not a drafter checkpoint (not a file torch.save wrote)") from None
+    except EOFError:
+        raise CheckpointError(f"{path} is empty, not a drafter checkpoint") from None
+    except RuntimeError as e:
+        if "zip archive" in str(e):
+            raise CheckpointError(f"{path} is truncated or damaged (an incomplete torch.save file)") from None
+        raise CheckpointError(f"{path} is not a readable drafter checkpoint: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # any other parse failure of a foreign file
+        raise CheckpointError(f"{path} is not a drafter checkpoint ({type(e).__name__})") from None
+    missing = [f for f in ("kind", "config", "identity", "state_dict") if not isinstance(ckpt, dict)
+               or f not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a drafter checkpoint from train.py: it has no "
+                              f"{', '.join(missing)}")
+    if isinstance(ckpt["kind"], str):
+        ckpt["kind"] = OLD_KINDS.get(ckpt["kind"], ckpt["kind"])
+    if not isinstance(ckpt["kind"], str) or ckpt["kind"] not in DRAFTERS:
+        raise CheckpointError(f"{path} holds a drafter of unknown kind {ckpt['kind']!r} "
+                              f"(known: {', '.join(DRAFTERS)})")
+    if kind is not None and ckpt["kind"] != kind:
+        raise CheckpointError(f"{path} holds a {ckpt['kind']} drafter, not {kind}: make one with "
+                              f"`{train_command(kind)}`")
+    return ckpt
+
+
+def build_drafter(ckpt: dict, path: str, model: Transformer) -> Drafter:
+    """The drafter of an opened checkpoint, checked against `model`: the identity it was trained
+    for, its config and its tensors' shapes; on the model's device and in its dtype."""
+    try:
+        saved, now = ckpt["identity"], model_identity(model)
+        same = saved["config_sha"] == now["config_sha"] and torch.allclose(
+            torch.tensor(saved["embedding_probe"]), torch.tensor(now["embedding_probe"]), atol=1e-2)
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        raise CheckpointError(f"{path} has a damaged model identity: not a checkpoint train.py wrote") from None
+    if not same:
+        raise CheckpointError(f"{path} was trained for a different base model (its config or weights differ "
+                              f"from --model): train one for this model with `{train_command(ckpt['kind'])}`")
+    try:
+        drafter = DRAFTERS[ckpt["kind"]](**ckpt["config"])
+        drafter.check(model)
+        drafter.load_state_dict(ckpt["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as e:  # bad config, a layer that does not fit, shapes
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{path} does not hold a usable {ckpt['kind']} drafter: "
+                              f"{' '.join(line.strip() for line in first[:2])}") from None
+    w = model.output.weight
+    return drafter.to(device=w.device, dtype=w.dtype)
+
+
+def load_drafter(model: Transformer, path: str | None = None, kind: str | None = None,
+                 untrained: bool = False, k: int = 3):
+    """(drafter, tree, note): the ONE way from a checkpoint to what decoding needs.
+
+    path: a checkpoint; an explicit path must exist. None: default_checkpoint(kind or "transfer"),
+    and when that does not exist yet, an untrained drafter (lossless, drafts poorly), as with
+    untrained=True. kind: the kind required (None: whatever the file holds). The tree is the one
+    train.py chose and stored, else a chain; note says in one line what was loaded, for stderr.
+    """
+    if not untrained and path is None:
+        path = default_checkpoint(kind or "transfer")
+        untrained = not os.path.exists(path)
+        why = f"no checkpoint at {path} yet"
+    else:
+        why = "--untrained"
+    if untrained:
+        cls = DRAFTERS[kind or "transfer"]
+        w = model.output.weight
+        drafter = cls.for_model(model, k).to(device=w.device, dtype=w.dtype)
+        return drafter, chain(k), (f"{why}: using an UNTRAINED {cls.title} drafter (k={k}); output stays "
+                                   f"lossless, but expect little speedup. Train one: {train_command(cls.kind)}")
+    ckpt = open_checkpoint(path, kind)
+    drafter = build_drafter(ckpt, path, model)
+    try:
+        paths = ckpt.get("tree")
+        tree = chain(drafter.k) if paths is None else Tree([tuple(p) for p in paths], k=drafter.k)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} stores a bad tree: {e}") from None
+    return drafter, tree, f"drafter: {path} ({drafter.kind}), tree of {tree.size} nodes"

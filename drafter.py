@@ -1,0 +1,70 @@
+"""The drafter interface: what decoding, training and checkpoints need from a drafter, written once.
+
+transfer.py's HiddenTransfer and medusa.py's Medusa implement it; decode.py, train.py, latency.py
+and bench.py only ever call these methods, so a new drafter is one subclass plus one entry in
+checkpoint.DRAFTERS (`checkpoint.register`). tests/test_new_drafter.py adds one from a test file.
+Read next: transfer.py, the drafter this project is about.
+"""
+
+import torch
+import torch.nn as nn
+
+from model import Transformer
+
+
+class Drafter(nn.Module):
+    """A module that drafts the next k tokens of every node it is asked about.
+
+    kind:  its one spelling, on every command line (--drafter), in reports and in checkpoints.
+    title: how reports name it for people.
+    k:     drafts per node, q_1..q_k; q_i guesses the token i+1 places after the node.
+    """
+
+    kind = ""
+    title = ""
+    k: int
+
+    @classmethod
+    def for_model(cls, model: Transformer, k: int, layer: int | None = None) -> "Drafter":
+        """An untrained drafter of this kind sized for `model` (lossless, drafts poorly); `layer` is
+        Hidden Transfer's t, which drafters without a transfer layer ignore."""
+        return cls(model.args.dim, k)
+
+    def config(self) -> dict:
+        """The constructor's keyword arguments: a checkpoint rebuilds the drafter as cls(**config)."""
+        raise NotImplementedError
+
+    def check(self, model: Transformer):
+        """Raise ValueError if this drafter cannot serve `model` (beyond its tensors' shapes)."""
+
+    # ------------------------------------------------------------------------- decoding
+
+    def tree_pass(self, model: Transformer, tokens, pos, tree_mask, n: int, cache, nodes=None,
+                  depth: int | None = None):
+        """ONE forward pass that verifies N tree nodes and drafts from some of them.
+
+        tokens (1, N): the nodes' token ids; pos (N,): their RoPE positions; tree_mask (N, N): the
+        ancestor mask; n: tokens already in `cache`. The nodes go to cache slots n..n+N-1.
+        nodes: which nodes draft (default all, in order); depth: drafts per node (default k, at
+        most k); pseudo (a, i) never sees (a, j > i), so a smaller depth changes no kept draft.
+        Returns (hidden (N, dim): the nodes' last-layer states, which model.head turns into the
+        verifying logits; states (len(nodes), depth, ...): what draft_logits reads, one per node).
+        """
+        raise NotImplementedError
+
+    def draft_logits(self, model: Transformer, states: torch.Tensor) -> torch.Tensor:
+        """states (..., depth, ...) from tree_pass or train_pass -> draft logits (..., depth, V)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------- training
+
+    def train_pass(self, model: Transformer, ids: torch.Tensor, positions: torch.Tensor):
+        """Training and held-out evaluation (train.py): the frozen model over real windows ids (B, T),
+        and the drafts of the positions (B, P) the loss is taken at.
+
+        Must give exactly what tree_pass gives for the prefix ids[b, :p+1] with nodes=[p] (the
+        prefill of decode.py): tests/test_train.py checks it. Returns (states (B, P, k, ...), with
+        gradients into the drafter only; h_L (B, T, dim), the real tokens' last-layer states, from
+        which train.py takes the teacher's distributions).
+        """
+        raise NotImplementedError
