@@ -231,13 +231,11 @@ def _rates(accept) -> torch.Tensor:
     return rates
 
 
-def expected_tau(tree: Tree, accept) -> float:
-    """Expected tokens per step: 1 (the bonus token) + sum over non-root nodes of P(node accepted).
+def node_accept_probs(tree: Tree, accept) -> torch.Tensor:
+    """(N,) float64: P(node accepted) = the product of accept[depth-1][rank] along its path; root 1.
 
-    P(node) is the product of accept[depth-1][rank] along its path: this assumes that whether
-    offset j's rank-r token is right depends only on (j, r), given the path so far was right,
-    independent of which tokens came before. The ranks at one depth are mutually exclusive
-    events (at most one token is the right one), so summing P over siblings is exact.
+    This assumes that whether offset j's rank-r token is right depends only on (j, r), given the
+    path so far was right, independent of which tokens came before.
     """
     rates = _rates(accept)
     if rates.shape[0] < tree.depth or rates.shape[1] <= int(tree.ranks.max()):
@@ -245,8 +243,16 @@ def expected_tau(tree: Tree, accept) -> float:
     depths, ranks, mask = tree.depths.cpu(), tree.ranks.cpu(), tree.mask.cpu()
     node_rate = rates[(depths - 1).clamp(min=0), ranks]  # (N,)
     node_rate[0] = 1.0                                     # the root is decided, not guessed
-    p = torch.where(mask, node_rate[None, :], torch.ones(())).prod(-1)  # (N,) product over the path
-    return 1.0 + float(p[1:].sum())
+    return torch.where(mask, node_rate[None, :], torch.ones(())).prod(-1)  # (N,) product over the path
+
+
+def expected_tau(tree: Tree, accept) -> float:
+    """Expected tokens per step: 1 (the bonus token) + sum over non-root nodes of P(node accepted).
+
+    The ranks at one depth are mutually exclusive events (at most one token is the right one), so
+    summing P over siblings is exact (node_accept_probs states the one assumption).
+    """
+    return 1.0 + float(node_accept_probs(tree, accept)[1:].sum())
 
 
 def build_tree(accept, n_nodes: int) -> Tree:

@@ -1,0 +1,172 @@
+"""Decoding plans: a tree, plus how many pseudo tokens each of its nodes carries, chosen by cost.
+
+Every pseudo token costs a row in layers t+1..L of every pass, but a step only reads the pseudo
+tokens of the node where its acceptance walk ends (METHOD.md, "One decoding step", steps 2 and 5).
+So a plan gives pseudo tokens only to the nodes likely to end the walk, and only as many as the
+next tree is deep. When the walk ends at a node that carries none, the next drafts come from the
+deepest accepted ancestor that carries enough, shifted: pseudo (u, i) predicts the token i + 1
+after u, so an ancestor s levels up stands in with its q_(s+1), q_(s+2), ...; the next tree is then
+cut to the drafts there are. With no such ancestor, the next step verifies the root alone (a plain
+step that drafts anew). Drafts only choose what is verified, so every plan is lossless.
+
+`expected_tokens` turns measured acceptance rates into tokens per pass for a plan (a small Markov
+chain over where the drafts come from); `choose_plan` weighs that against measured pass times.
+Read latency.py next (what the passes cost), then decode.py (which follows a plan).
+"""
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from tree import Tree, build_tree, node_accept_probs
+
+ROOT_ONLY = (0, 0)  # drafts state: no drafts at all, the next step verifies the root alone
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    tree: Tree
+    counts: tuple  # pseudo tokens carried by each node (N,), node order as tree.paths; counts[0] >= 1
+
+    def __post_init__(self):
+        if len(self.counts) != self.tree.size:
+            raise ValueError(f"a plan needs one pseudo-token count per node: {len(self.counts)} "
+                             f"counts for a tree of {self.tree.size} nodes")
+        if self.counts[0] < 1:
+            raise ValueError("the root must carry at least one pseudo token, or no step would draft")
+        if self.tree.k is not None and max(self.counts) > self.tree.k:
+            raise ValueError(f"a node carries {max(self.counts)} pseudo tokens but k={self.tree.k}")
+
+    @classmethod
+    def full(cls, tree: Tree, k: int) -> "Plan":
+        """Every node carries the tree's depth in pseudo tokens (at least 1): the simple plan."""
+        return cls(tree, (max(1, min(k, tree.depth)),) * tree.size)
+
+    @property
+    def pseudo_rows(self) -> int:  # pseudo tokens in one pass: rows in layers t+1..L
+        return sum(self.counts)
+
+    def cut(self, depth: int) -> "Plan":
+        """The plan on the tree cut to `depth` (nodes are sorted by depth: the kept ones are a prefix)."""
+        return _cut(self, depth)
+
+    def source(self, path: list) -> tuple:
+        """Where the next drafts come from after a walk that accepted `path` (root..v, node indices).
+
+        Returns (carrier u, shift s, offsets available a): the deepest node u on the path whose
+        pseudo tokens still reach past v, s = depth(v) - depth(u), a = counts[u] - s >= 1; the next
+        drafts are u's q_(s+1)..q_(s+a). Returns (None, 0, 0) when no node on the path reaches.
+        """
+        depth_v = len(path) - 1
+        for depth_u in range(depth_v, -1, -1):
+            u, shift = path[depth_u], depth_v - depth_u
+            if self.counts[u] > shift:
+                return u, shift, self.counts[u] - shift
+        return None, 0, 0
+
+    def text(self) -> str:
+        """'0;1;0,0 | 2,1,0,0': tree paths as Tree.parse reads them, then the counts."""
+        paths = ";".join(",".join(str(r) for r in p) for p in self.tree.paths[1:])
+        return f"{paths or '(root only)'} | {','.join(str(c) for c in self.counts)}"
+
+
+@lru_cache(maxsize=256)
+def _cut(plan: Plan, depth: int) -> Plan:
+    if depth >= plan.tree.depth:
+        return plan
+    tree = Tree([p for p in plan.tree.paths[1:] if len(p) <= depth], k=plan.tree.k, top_r=plan.tree.top_r)
+    return Plan(tree, plan.counts[:tree.size])
+
+
+# ----------------------------------------------------------------------------- expected tokens
+
+def _state_step(plan: Plan, rates: torch.Tensor, state: tuple):
+    """For drafts state (shift s, available a): the plan actually run (cut to a), its expected tokens
+    per pass, and the probability of each next state."""
+    shift, avail = state
+    run = plan.cut(min(plan.tree.depth, avail))
+    p = node_accept_probs(run.tree, rates[shift:shift + max(avail, 1)])  # (N,) P(node accepted)
+    nxt = {}
+    for v in range(run.tree.size):  # P(walk ends at v) = P(v accepted) - P(a child of v accepted)
+        end = float(p[v]) - sum(float(p[c]) for c in run.tree.children[v])
+        _, s, a = run.source(run.tree.path_to(v))
+        nxt[(s, a)] = nxt.get((s, a), 0.0) + end
+    return run, 1.0 + float(p[1:].sum()), nxt
+
+
+def expected_tokens(plan: Plan, accept, cost=None, iters: int = 200):
+    """Long-run tokens per pass of `plan` under measured acceptance rates accept[i-1][r] (offset i,
+    rank r), and, if cost(plan) -> seconds is given, the long-run seconds per pass.
+
+    The drafts of a step come from some node's pseudo tokens, shifted by s (state (s, a)); which
+    state follows depends on where the walk ends. The share of passes in each state is the
+    stationary distribution of that chain. Same independence assumption as tree.expected_tau.
+    """
+    rates = torch.as_tensor(accept, dtype=torch.float64)
+    if rates.shape[0] < max(plan.counts):
+        raise ValueError(f"accept covers {rates.shape[0]} offsets, the plan reads {max(plan.counts)}")
+    start = (0, plan.counts[0])
+    chain, todo = {}, [start]
+    while todo:  # every state reachable from the first step (the prefill drafts from the root)
+        state = todo.pop()
+        if state not in chain:
+            chain[state] = _state_step(plan, rates, state) if state != ROOT_ONLY else (
+                plan.cut(0), 1.0, {start: 1.0})
+            todo += list(chain[state][2])
+    share = {s: float(s == start) for s in chain}
+    for _ in range(iters):  # power iteration: a few states, converges fast
+        new = dict.fromkeys(chain, 0.0)
+        for s, (_, _, nxt) in chain.items():
+            for t, p in nxt.items():
+                new[t] += share[s] * p
+        share = new
+    tau = sum(share[s] * chain[s][1] for s in chain)
+    if cost is None:
+        return tau, None
+    return tau, sum(share[s] * cost(chain[s][0]) for s in chain)
+
+
+# ----------------------------------------------------------------------------- the choice
+
+def candidate_plans(accept, sizes, k: int):
+    """For each tree size, the best tree (tree.build_tree), and pseudo tokens for the m nodes most
+    likely to end the walk (m = 1, 2, 4, ..., all; the root always among them), c each (1..k),
+    the root with c or with as many as the tree is deep on top (to stand in for its children)."""
+    rates = torch.as_tensor(accept, dtype=torch.float64)
+    seen = set()
+    for n in sizes:
+        tree = build_tree(rates[:k], n)
+        p = node_accept_probs(tree, rates)
+        end = [float(p[v]) - sum(float(p[c]) for c in tree.children[v]) for v in range(tree.size)]
+        order = [0] + sorted(range(1, tree.size), key=lambda v: -end[v])
+        ms = sorted({min(m, tree.size) for m in (1, 2, 4, 8, 16, 32, 64)} | {tree.size})
+        for c in range(1, k + 1):
+            for m in ms:
+                for root in {c, min(k, c + tree.depth)}:
+                    counts = [0] * tree.size
+                    for v in order[:m]:
+                        counts[v] = c
+                    counts[0] = root
+                    key = (tuple(tree.paths), tuple(counts))
+                    if key not in seen:
+                        seen.add(key)
+                        yield Plan(tree, tuple(counts))
+
+
+def choose_plan(accept, sizes, k: int, cost):
+    """The plan with the most expected tokens per second. cost(plan) -> seconds of one pass (measured
+    by latency.py; tests pass a made-up one). Returns (plan, rows): rows has (plan, tau, seconds)."""
+    rows, cached = [], {}
+
+    def timed(plan):  # the cost depends on the pass's shape: nodes and pseudo rows
+        key = (plan.tree.size, plan.pseudo_rows)
+        if key not in cached:
+            cached[key] = cost(plan)
+        return cached[key]
+
+    for plan in candidate_plans(accept, sizes, k):
+        tau, seconds = expected_tokens(plan, accept, timed)
+        rows.append((plan, tau, seconds))
+    best = max(rows, key=lambda r: r[1] / r[2])
+    return best[0], rows
