@@ -2,7 +2,7 @@
 (a) a layer sweep: equal short trainings for several transfer layers t, (b) the cosine similarity
 between pseudo and real hidden states at every layer after t (the paper: the gap narrows with
 depth), (c) whether training on the model's own replies pays, and (d) re-timing a checkpoint's
-tree choice on this machine (latency.select_tree). Read next: latency.py.
+plan choice on this machine (latency.select_plan). Read next: latency.py.
 
     python analysis.py --cosine                         # uses checkpoints/transfer.pt
     python analysis.py --select-tree                    # re-time its tree on this machine
@@ -24,23 +24,22 @@ import train
 from checkpoint import build_drafter, model_identity, open_checkpoint, save_atomic, save_checkpoint
 from data import encode_conversations, read_sharegpt, split_holdout
 from generate import Sampler, check_common_args, generate, int_range, list_of, load, run_main
-from latency import select_tree
+from latency import select_plan
 from model import KVCache, causal_mask
 
 # ----------------------------------------------------------------------------- the tree, again
 
-def retime_tree(model, path, sizes):
-    """Choose the checkpoint's tree again from its stored acceptance rates, with this machine's timings."""
+def retime_plan(model, path, sizes):
+    """Choose the checkpoint's plan again from its stored acceptance rates, with this machine's timings."""
     ckpt = open_checkpoint(path)
     drafter = build_drafter(ckpt, path, model)
     if ckpt.get("accept_rates") is None:
         raise ValueError(f"{path} has no measured acceptance rates: let its train.py run finish")
-    tree, curve = select_tree(model, drafter, ckpt["accept_rates"], [n for n in sizes if n >= 2])
-    ckpt.update(tree=[list(p) for p in tree.paths[1:]], step_ms=curve["step_ms"],
-                latency_ms={r["nodes"]: r["ms"] for r in curve["rows"]})
+    plan, table = select_plan(model, drafter, ckpt["accept_rates"], [n for n in sizes if n >= 2])
+    ckpt.update(**plan.fields(), plan_table=table)
     save_checkpoint(path, drafter, model,
                     {k: v for k, v in ckpt.items() if k not in ("kind", "config", "identity", "state_dict")})
-    print(f"saved the tree in {path}")
+    print(f"saved the plan in {path}")
 
 
 # ----------------------------------------------------------------------------- the paper's analyses
@@ -184,7 +183,7 @@ def main(argv=None):
     model, tok = load(train_args)
     try:
         if args.select_tree:
-            retime_tree(model, train_args.drafter_checkpoint, train_args.tree_sizes)
+            retime_plan(model, train_args.drafter_checkpoint, train_args.tree_sizes)
         train_windows, held_windows = train.load_windows(train_args, model, tok)
         if args.cosine:
             path = train_args.drafter_checkpoint

@@ -26,6 +26,7 @@ from decode import generate_tree
 from generate import (DTYPES, Generation, Sampler, add_common_args, check_common_args,
                       describe_machine, fit_context, generate, int_range, load, run_main)
 from latency import latency_curve, latency_report
+from plan import Plan
 from tree import Tree
 
 # ----------------------------------------------------------------------------- defaults, in one place
@@ -111,7 +112,7 @@ def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, tem
               top_p: float = 1.0, seed: int = 0, truncate: str | None = None) -> dict:
     """Run every method on every prompt, interleaved, and return the results (see summarize).
 
-    methods: {name: (drafter, tree), or None for plain decoding}; "plain" must be among them.
+    methods: {name: (drafter, plan.Plan or Tree), or None for plain decoding}; "plain" must be among them.
     prompts: [(category, [user turn 1, user turn 2, ...])]; turn 2 follows plain decoding's own
     answer to turn 1, as MT-Bench does, so every method sees the same second prompt.
     Ctrl-C stops early: the results then hold every prompt that all methods finished. A prompt
@@ -120,16 +121,17 @@ def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, tem
     """
     if methods.get("plain", 0) is not None:
         raise ValueError("methods must include 'plain': None, the reference for speed and losslessness")
-    methods = {"plain": None, **methods}  # plain first: every other output is compared with it
+    methods = {"plain": None, **{m: v if v is None or isinstance(v[1], Plan) else (v[0], Plan.full(v[1], v[0].k))
+                                 for m, v in methods.items()}}  # plain first: the others are compared with it
     dev = model.output.weight.device
     results = {"env": {**environment(dev), "dtype": str(model.output.weight.dtype).removeprefix("torch.")},
                "settings": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                             "seed": seed, "prompts": len(prompts), "turns": max(len(t) for _, t in prompts)},
-               "trees": {m: None if v is None else {"size": v[1].size, "depth": v[1].depth,
-                                                    "paths": [list(p) for p in v[1].paths[1:]]}
+               "trees": {m: None if v is None else {"size": v[1].tree.size, "depth": v[1].tree.depth,
+                                                    "plan": v[1].text(), **v[1].fields()}
                          for m, v in methods.items()},
                "runs": [], "interrupted": False}
-    extra = max((v[1].size for v in methods.values() if v is not None), default=0)  # the largest tree
+    extra = max((v[1].tree.size for v in methods.values() if v is not None), default=0)  # the largest tree
     fit = lambda messages: fit_context(model, tok.encode_chat(messages)[0], max_new_tokens, extra, truncate)
     first = [fit([{"role": "user", "content": turns[0]}]) for _, turns in prompts][0]
     for method in methods.values():  # warm-up, untimed
@@ -173,11 +175,6 @@ def _fmt(s: dict | None, unit: str = "", digits: int = 1) -> str:
     return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
 
-def tree_text(paths: list) -> str:
-    """Tree paths in Tree.parse's spelling, '0;0,0;1', so they can be passed back with --tree."""
-    return ";".join(",".join(str(r) for r in p) for p in paths) or "(root only)"
-
-
 def report(results: dict) -> str:
     """The results as markdown: the main table, the per-category table, the trees, the mismatches."""
     env, s = results["env"], results["settings"]
@@ -201,7 +198,7 @@ def report(results: dict) -> str:
     for cat, per in results["categories"].items():
         cells = [f"{per[m]['speedup']['median']:.2f}x / {per[m]['tau']:.2f}" for m in methods]
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")
-    lines += [""] + [f"tree of {m}: {t['size']} nodes, depth {t['depth']}: {tree_text(t['paths'])}"
+    lines += [""] + [f"plan of {m}: {t['size']} nodes, depth {t['depth']}: {t['plan']}"
                      for m, t in results["trees"].items() if t]
     lines += [f"MISMATCH: {x['method']} on prompt {x['prompt']} ({x['category']}, turn {x['turn']}) "
               f"from token {x['position']}" for x in results["mismatches"]]
@@ -236,17 +233,17 @@ def find_checkpoints(args) -> dict:
 
 
 def load_drafters(model, args, found: dict) -> dict:
-    """{method: (drafter, tree, measured accept rates or None)} for the drafting methods."""
+    """{method: (drafter, plan, measured accept rates or None)} for the drafting methods."""
     out = {}
     for name in [m for m in args.methods if m != "plain"]:
         path, ckpt = found.get(name, (None, {}))
-        drafter, tree, _ = load_drafter(model, path, name, untrained=args.untrained)
-        if args.tree:  # one tree for every drafter: a like-for-like comparison
+        drafter, plan, _ = load_drafter(model, path, name, untrained=args.untrained)
+        if args.tree:  # one tree for every drafter, pseudo tokens sized to it: like for like
             try:
-                tree = Tree.parse(args.tree, k=drafter.k)
+                plan = Plan.full(Tree.parse(args.tree, k=drafter.k), drafter.k)
             except ValueError as e:
                 fail(f"--tree: {e}")
-        out[name] = (drafter, tree, ckpt.get("accept_rates"))
+        out[name] = (drafter, plan, ckpt.get("accept_rates"))
     return out
 
 
@@ -268,7 +265,8 @@ def parse_args(argv=None):
     p.add_argument("--untrained", action="store_true",
                    help="smoke run: identity projections and zero Medusa heads instead of checkpoints")
     p.add_argument("--tree", default=None,
-                   help="tree for every drafter, e.g. '0;1;0,0' or 'chain' (default: each checkpoint's own)")
+                   help="tree for every drafter, e.g. '0;1;0,0' or 'chain', every node with pseudo tokens "
+                        "for the tree's depth (default: each checkpoint's own plan)")
     p.add_argument("--mtbench", default=None, help="MT-Bench question.jsonl (default: the installed one)")
     p.add_argument("--latency", action="store_true",
                    help="measure pass time against tree size instead of running MT-Bench")

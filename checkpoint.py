@@ -18,7 +18,8 @@ from drafter import Drafter
 from medusa import Medusa
 from model import Transformer
 from transfer import HiddenTransfer
-from tree import Tree, chain
+from plan import Plan
+from tree import chain
 
 # The drafter kinds: --drafter flags, reports and checkpoints' "kind" all use these names.
 DRAFTERS = {HiddenTransfer.kind: HiddenTransfer, Medusa.kind: Medusa}
@@ -156,13 +157,12 @@ def load_drafter(model: Transformer, path: str | None = None, kind: str | None =
         cls = DRAFTERS[kind or "transfer"]
         w = model.output.weight
         drafter = cls.for_model(model, k).to(device=w.device, dtype=w.dtype)
-        return drafter, chain(k), (f"{why}: using an UNTRAINED {cls.title} drafter (k={k}); output stays "
+        return drafter, Plan.full(chain(k), k), (f"{why}: using an UNTRAINED {cls.title} drafter (k={k}); output stays "
                                    f"lossless, but expect little speedup. Train one: {train_command(cls.kind)}")
     ckpt = open_checkpoint(path, kind)
     drafter = build_drafter(ckpt, path, model)
     try:
-        paths = ckpt.get("tree")
-        tree = chain(drafter.k) if paths is None else Tree([tuple(p) for p in paths], k=drafter.k)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} stores a bad tree: {e}") from None
-    return drafter, tree, f"drafter: {path} ({drafter.kind}), tree of {tree.size} nodes"
+        plan = Plan.from_fields(ckpt, drafter.k)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} stores a bad plan: {e}") from None
+    return drafter, plan, f"drafter: {path} ({drafter.kind}), plan {plan.text()}"

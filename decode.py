@@ -20,6 +20,7 @@ from checkpoint import DRAFTERS, load_drafter, open_checkpoint
 from generate import (Generation, Sampler, add_common_args, check_common_args, describe_machine,
                       encode_prompt, fit_context, generate, load, run_main, sync)
 from model import KVCache
+from plan import Plan
 from tree import Tree
 
 
@@ -47,20 +48,31 @@ def accept(children, node_tokens, choose, budget: int, stop_ids=()):
 
 
 @torch.no_grad()
-def generate_tree(model, drafter, prompt: list, tree: Tree, max_new_tokens: int, sampler: Sampler,
+def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_tokens: int, sampler: Sampler,
                   stop_ids=(), on_token=None, on_step=None) -> Generation:
-    """Generate with a drafter and a token tree. Same output as generate.generate, fewer passes.
+    """Generate with a drafter and a decoding plan. Same output as generate.generate, fewer passes.
 
+    plan: a plan.Plan (a tree, which nodes carry pseudo tokens and how many), or a bare Tree, which
+    gets plan.Plan.full: every node carries as many pseudo tokens as the tree is deep.
     on_step(cache, n), if given, is called after every step with the cache and the number of
     accepted tokens it holds (the tests check the cache against a fresh prefill there).
     """
-    if tree.depth > drafter.k:
-        raise ValueError(f"the tree is {tree.depth} deep but the drafter drafts only {drafter.k} tokens")
-    fit_context(model, prompt, max_new_tokens, tree.size)  # the last pass holds a whole tree
+    plan = plan if isinstance(plan, Plan) else Plan.full(plan, drafter.k)
+    if max(plan.tree.depth, plan.depth) > drafter.k:
+        raise ValueError(f"the plan reads {max(plan.tree.depth, plan.depth)} drafts but the drafter "
+                         f"drafts only {drafter.k}")
+    fit_context(model, prompt, max_new_tokens, plan.tree.size)  # the last pass holds a whole tree
     dev = model.output.weight.device
-    tree = tree.to(dev)  # positions, slots, masks and tokens all come from the tree, on the device
+    runs = {}  # drafts available -> (the plan cut to them, its tree and nodes on the device)
+
+    def run_for(avail: int):
+        if avail not in runs:
+            run = plan.cut(min(plan.tree.depth, avail))
+            runs[avail] = run, run.tree.to(dev), torch.tensor(run.nodes, device=dev)
+        return runs[avail]
+
     n = len(prompt)
-    cache = KVCache(model.args, 1, n + max_new_tokens + tree.size, dev, model.output.weight.dtype)
+    cache = KVCache(model.args, 1, n + max_new_tokens + plan.tree.size, dev, model.output.weight.dtype)
     out = Generation()
     t0 = time.perf_counter()
 
@@ -68,23 +80,26 @@ def generate_tree(model, drafter, prompt: list, tree: Tree, max_new_tokens: int,
     causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
     hidden, states = drafter.tree_pass(model, torch.tensor([prompt], device=dev),
                                        torch.arange(n, device=dev), causal, 0, cache,
-                                       nodes=torch.tensor([n - 1], device=dev))
+                                       nodes=torch.tensor([n - 1], device=dev), depth=plan.depth)
     root = sampler(model.head(hidden[-1]))
     out.tokens.append(root)
     if on_token:
         on_token([root])
-    drafts = drafter.draft_logits(model, states[0])  # (k, V): q_1..q_k, for positions n+1..n+k
+    drafts = drafter.draft_logits(model, states[0])  # (depth, V): q_1.., for positions n+1..
     sync(dev)
     t1 = time.perf_counter()
     out.prefill_s = t1 - t0
     done = root in stop_ids or max_new_tokens == 1
 
     while not done:
-        # 1. The tree: the root is the token just emitted, at position n; the rest come from drafts.
-        top = drafts.topk(tree.top_r, dim=-1).indices                  # (k, top_r)
+        # 1. The tree, cut to the drafts there are: the root is the token just emitted, at position
+        #    n; the other nodes are ranked draft tokens (none at all: the root is verified alone).
+        run, tree, nodes = run_for(len(drafts))
+        top = drafts[:tree.depth].topk(tree.top_r, dim=-1).indices    # (depth, top_r)
         tokens = tree.tokens(root, top)                                # (N,)
-        # 2. One pass verifies every node and drafts from every node's pseudo tokens.
-        hidden, states = drafter.tree_pass(model, tokens[None], tree.positions(n), tree.mask, n, cache)
+        # 2. One pass verifies every node and drafts from the pseudo tokens of the plan's nodes.
+        hidden, states = drafter.tree_pass(model, tokens[None], tree.positions(n), tree.mask, n, cache,
+                                           nodes=nodes, depth=run.depth)
         logits = model.head(hidden)                                    # (N, V)
         # 3. Accept.
         path, emitted = accept(tree.children, tokens.tolist(), lambda v: sampler(logits[v]),
@@ -101,9 +116,12 @@ def generate_tree(model, drafter, prompt: list, tree: Tree, max_new_tokens: int,
         root = emitted[-1]
         if on_step:
             on_step(cache, n)
-        # 5. The next drafts: the pseudo tokens of the last accepted node.
+        # 5. The next drafts: the pseudo tokens of the last accepted node, or of its deepest
+        #    ancestor that carries some, shifted (plan.py); none left: a root-only step follows.
         if not done:
-            drafts = drafter.draft_logits(model, states[path[-1]])
+            row, shift, avail = run.source(path)
+            drafts = (drafter.draft_logits(model, states[row, shift:]) if avail
+                      else logits.new_zeros(0, logits.shape[-1]))
     sync(dev)
     out.decode_s = time.perf_counter() - t1
     return out
@@ -123,7 +141,8 @@ def main(argv=None):
                              "that does not exist yet, an untrained drafter, with a note)")
     parser.add_argument("--tree", default=None,
                         help="tree paths, e.g. '0;1;0,0' (ranks separated by ',', paths by ';'), or "
-                             "'chain' (default: the tree stored in the checkpoint, else a chain)")
+                             "'chain'; every node then carries pseudo tokens for the tree's depth "
+                             "(default: the plan stored in the checkpoint, else a chain)")
     parser.add_argument("--untrained", action="store_true",
                         help="no checkpoint: an untrained drafter (identity projection, zero heads): "
                              "lossless, but drafts poorly")
@@ -135,22 +154,22 @@ def main(argv=None):
         if args.drafter_checkpoint and not args.untrained:
             open_checkpoint(args.drafter_checkpoint, args.drafter)  # a bad file fails before the slow load
         model, tok = load(args)
-        drafter, tree, note = load_drafter(model, args.drafter_checkpoint, args.drafter, args.untrained)
+        drafter, plan, note = load_drafter(model, args.drafter_checkpoint, args.drafter, args.untrained)
     except ValueError as e:  # checkpoint.CheckpointError: one line naming the file
         sys.exit(f"error: {e}")
     print(note, file=sys.stderr)
     if args.tree:
         try:
-            tree = Tree.parse(args.tree, k=drafter.k)
+            plan = Plan.full(Tree.parse(args.tree, k=drafter.k), drafter.k)
         except ValueError as e:
             sys.exit(f"error: --tree: {e}")
-    prompt = encode_prompt(args, model, tok, tree.size)
+    prompt = encode_prompt(args, model, tok, plan.tree.size)
     stream = tok.stream()
     show = lambda ids: print(stream.push([i for i in ids if i not in tok.stop_ids]), end="", flush=True)
-    out = generate_tree(model, drafter, prompt, tree, args.max_new_tokens,
+    out = generate_tree(model, drafter, prompt, plan, args.max_new_tokens,
                         Sampler(args.temperature, args.top_p, args.seed), tok.stop_ids, on_token=show)
     print(f"\n\n{drafter.title}: {len(out.tokens)} tokens, tau {out.tau:.2f}, "
-          f"{out.tokens_per_s:.1f} tokens/s, tree of {tree.size} nodes "
+          f"{out.tokens_per_s:.1f} tokens/s, plan {plan.text()} "
           f"({describe_machine(args.device)}, {args.dtype})")
     if args.check:
         ref = generate(model, prompt, args.max_new_tokens, Sampler(args.temperature, args.top_p, args.seed),

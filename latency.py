@@ -14,6 +14,7 @@ import torch
 
 from generate import sync
 from model import KVCache
+from plan import Plan, choose_plan
 from tree import Tree, build_tree, expected_tau
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -32,17 +33,20 @@ def _median_time(fn, device, reps: int) -> float:
 
 
 @torch.no_grad()
-def pass_latency(model, drafter, tree: Tree, n_ctx: int = CONTEXT, reps: int = REPS) -> float:
-    """Median seconds of one decoding step's model work with `tree` after n_ctx cached tokens, as in
-    decode.generate_tree: drafter.tree_pass (pseudo tokens for every node), the LM head on the
-    nodes, one node's drafts. The cache holds zeros: its values do not change the cost."""
+def pass_latency(model, drafter, plan: Plan | Tree, n_ctx: int = CONTEXT, reps: int = REPS) -> float:
+    """Median seconds of one decoding step's model work with `plan` (a bare Tree: plan.Plan.full)
+    after n_ctx cached tokens, as in decode.generate_tree: drafter.tree_pass with the plan's pseudo
+    tokens, the LM head on the nodes, one node's drafts. The cache holds zeros: its values do not
+    change the cost."""
+    plan = plan if isinstance(plan, Plan) else Plan.full(plan, drafter.k)
     w = model.output.weight
-    cache = KVCache(model.args, 1, n_ctx + tree.size, w.device, w.dtype)
-    tokens = torch.randint(model.args.vocab_size, (1, tree.size), device=w.device)
-    tree = tree.to(w.device)
+    cache = KVCache(model.args, 1, n_ctx + plan.tree.size, w.device, w.dtype)
+    tokens = torch.randint(model.args.vocab_size, (1, plan.tree.size), device=w.device)
+    tree, nodes = plan.tree.to(w.device), torch.tensor(plan.nodes, device=w.device)
 
     def step():
-        hidden, states = drafter.tree_pass(model, tokens, tree.positions(n_ctx), tree.mask, n_ctx, cache)
+        hidden, states = drafter.tree_pass(model, tokens, tree.positions(n_ctx), tree.mask, n_ctx, cache,
+                                           nodes=nodes, depth=plan.depth)
         model.head(hidden)
         drafter.draft_logits(model, states[0])
     return _median_time(step, w.device, reps)
@@ -98,14 +102,30 @@ def latency_report(name: str, curve: dict) -> str:
     return "\n".join(lines + (["(interrupted)"] if curve["interrupted"] else []))
 
 
-def select_tree(model, drafter, accept, sizes, n_ctx: int = CONTEXT, reps: int = REPS):
-    """Of the best tree of each size under the measured `accept` rates, the one with the most
-    expected tokens per second of pass time on this machine: the largest E[speedup] of
-    latency_curve. Prints the curve; returns (tree, curve). Ctrl-C is not swallowed here."""
-    curve = latency_curve(model, drafter, accept, sizes, n_ctx, reps)
-    if curve["interrupted"]:
-        raise KeyboardInterrupt
-    print("\n" + latency_report(f"tree choice for {drafter.kind}", curve))
-    best = max(curve["rows"], key=lambda r: r["speedup"])
-    print(f"chosen: {best['nodes']} nodes, paths {best['paths']}")
-    return build_tree(accept, best["nodes"]), curve
+def select_plan(model, drafter, accept, sizes, n_ctx: int = CONTEXT, reps: int = REPS):
+    """The decoding plan (tree shape, which nodes carry pseudo tokens, how many) with the most
+    expected tokens per second on this machine: plan.choose_plan under the measured `accept` rates,
+    every pass shape timed here. Prints the best plan of each size; returns (plan, table), table
+    {"step_ms", "rows": [{"nodes", "plan", "tau", "ms", "ratio", "speedup"}]}, best per size."""
+    step_ms = 1000 * step_latency(model, n_ctx, reps)
+    best, rows = choose_plan(accept, sizes, drafter.k, lambda p: pass_latency(model, drafter, p, n_ctx, reps))
+    table = {"n_ctx": n_ctx, "reps": reps, "step_ms": step_ms, "rows": []}
+    for n in dict.fromkeys(p.tree.size for p, _, _ in rows):
+        p, tau, s = max((r for r in rows if r[0].tree.size == n), key=lambda r: r[1] / r[2])
+        table["rows"].append({"nodes": n, "plan": p.text(), "tau": tau, "ms": 1000 * s,
+                              "ratio": 1000 * s / step_ms, "speedup": tau * step_ms / (1000 * s)})
+    print(f"\nplan choice for {drafter.kind}: {len(rows)} plans, {n_ctx} cached tokens, median of {reps}; "
+          f"one-token step {step_ms:.1f} ms")
+    print(plan_report(table))
+    print(f"chosen: {best.text()}")
+    return best, table
+
+
+def plan_report(table: dict) -> str:
+    """The best plan of each tree size as a markdown table (E[...]: expected from the acceptance rates)."""
+    lines = ["| nodes | plan: tree [nodes with pseudo tokens x how many] | E[tau] | ms/pass (long-run mean) "
+             "| ratio to one-token step | E[speedup] |", "|---|---|---|---|---|---|"]
+    for r in table["rows"]:
+        lines.append(f"| {r['nodes']} | `{r['plan']}` | {r['tau']:.2f} | {r['ms']:.1f} | {r['ratio']:.2f} "
+                     f"| {r['speedup']:.2f}x |")
+    return "\n".join(lines)

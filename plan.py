@@ -1,4 +1,4 @@
-"""Decoding plans: a tree, plus how many pseudo tokens each of its nodes carries, chosen by cost.
+"""Decoding plans: a tree, which of its nodes carry pseudo tokens and how many, chosen by cost.
 
 Every pseudo token costs a row in layers t+1..L of every pass, but a step only reads the pseudo
 tokens of the node where its acceptance walk ends (METHOD.md, "One decoding step", steps 2 and 5).
@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-from tree import Tree, build_tree, node_accept_probs
+from tree import Tree, build_tree, chain, node_accept_probs
 
 ROOT_ONLY = (0, 0)  # drafts state: no drafts at all, the next step verifies the root alone
 
@@ -27,25 +27,46 @@ ROOT_ONLY = (0, 0)  # drafts state: no drafts at all, the next step verifies the
 @dataclass(frozen=True, eq=False)
 class Plan:
     tree: Tree
-    counts: tuple  # pseudo tokens carried by each node (N,), node order as tree.paths; counts[0] >= 1
+    nodes: tuple  # the nodes that carry pseudo tokens, ascending; the root (0) always among them
+    depth: int    # pseudo tokens each of them carries: q_1..q_depth (1 <= depth <= k)
 
     def __post_init__(self):
-        if len(self.counts) != self.tree.size:
-            raise ValueError(f"a plan needs one pseudo-token count per node: {len(self.counts)} "
-                             f"counts for a tree of {self.tree.size} nodes")
-        if self.counts[0] < 1:
-            raise ValueError("the root must carry at least one pseudo token, or no step would draft")
-        if self.tree.k is not None and max(self.counts) > self.tree.k:
-            raise ValueError(f"a node carries {max(self.counts)} pseudo tokens but k={self.tree.k}")
+        if not self.nodes or self.nodes[0] != 0 or list(self.nodes) != sorted(set(self.nodes)):
+            raise ValueError(f"pseudo-token nodes {self.nodes} must be ascending, once each, and include "
+                             "the root 0 (a step whose drafts ran out verifies the root alone)")
+        if self.nodes[-1] >= self.tree.size:
+            raise ValueError(f"node {self.nodes[-1]} is not in a tree of {self.tree.size} nodes")
+        if not 1 <= self.depth <= (self.tree.k or self.depth):
+            raise ValueError(f"{self.depth} pseudo tokens per node: need 1 to k={self.tree.k}")
 
     @classmethod
     def full(cls, tree: Tree, k: int) -> "Plan":
-        """Every node carries the tree's depth in pseudo tokens (at least 1): the simple plan."""
-        return cls(tree, (max(1, min(k, tree.depth)),) * tree.size)
+        """Every node carries as many pseudo tokens as the tree is deep (at least 1): the simple plan."""
+        return cls(tree, tuple(range(tree.size)), max(1, min(k, tree.depth)))
+
+    @classmethod
+    def from_fields(cls, fields: dict, k: int) -> "Plan":
+        """The plan a checkpoint stores (fields()); a chain of k when it stores none, Plan.full when it
+        stores only a tree (checkpoints from before plans)."""
+        paths = fields.get("tree")
+        tree = chain(k) if paths is None else Tree([tuple(p) for p in paths], k=k)
+        if fields.get("pseudo_nodes") is None:
+            return cls.full(tree, k)
+        return cls(tree, tuple(fields["pseudo_nodes"]), int(fields["pseudo_depth"]))
+
+    def fields(self) -> dict:
+        """What a checkpoint stores of the plan (plain lists and ints)."""
+        return {"tree": [list(p) for p in self.tree.paths[1:]], "pseudo_nodes": list(self.nodes),
+                "pseudo_depth": self.depth}
+
+    @property
+    def counts(self) -> tuple:  # pseudo tokens per node (N,)
+        carried = set(self.nodes)
+        return tuple(self.depth if v in carried else 0 for v in range(self.tree.size))
 
     @property
     def pseudo_rows(self) -> int:  # pseudo tokens in one pass: rows in layers t+1..L
-        return sum(self.counts)
+        return len(self.nodes) * self.depth
 
     def cut(self, depth: int) -> "Plan":
         """The plan on the tree cut to `depth` (nodes are sorted by depth: the kept ones are a prefix)."""
@@ -54,21 +75,22 @@ class Plan:
     def source(self, path: list) -> tuple:
         """Where the next drafts come from after a walk that accepted `path` (root..v, node indices).
 
-        Returns (carrier u, shift s, offsets available a): the deepest node u on the path whose
-        pseudo tokens still reach past v, s = depth(v) - depth(u), a = counts[u] - s >= 1; the next
-        drafts are u's q_(s+1)..q_(s+a). Returns (None, 0, 0) when no node on the path reaches.
+        Returns (u's row in `nodes`, shift s, offsets available a): u is the deepest node on the path
+        whose pseudo tokens still reach past v, s = depth(v) - depth(u), a = depth - s >= 1; the
+        next drafts are u's q_(s+1)..q_(s+a). Returns (None, 0, 0) when no node on the path reaches.
         """
-        depth_v = len(path) - 1
+        counts, depth_v = self.counts, len(path) - 1
         for depth_u in range(depth_v, -1, -1):
             u, shift = path[depth_u], depth_v - depth_u
-            if self.counts[u] > shift:
-                return u, shift, self.counts[u] - shift
+            if counts[u] > shift:
+                return self.nodes.index(u), shift, counts[u] - shift
         return None, 0, 0
 
     def text(self) -> str:
-        """'0;1;0,0 | 2,1,0,0': tree paths as Tree.parse reads them, then the counts."""
+        """'0;1;0,0 [nodes 0,1 x 2]': the tree paths as Tree.parse reads them, the nodes that carry
+        pseudo tokens and how many each carries."""
         paths = ";".join(",".join(str(r) for r in p) for p in self.tree.paths[1:])
-        return f"{paths or '(root only)'} | {','.join(str(c) for c in self.counts)}"
+        return f"{paths or '(root only)'} [nodes {','.join(map(str, self.nodes))} x {self.depth}]"
 
 
 @lru_cache(maxsize=256)
@@ -76,7 +98,7 @@ def _cut(plan: Plan, depth: int) -> Plan:
     if depth >= plan.tree.depth:
         return plan
     tree = Tree([p for p in plan.tree.paths[1:] if len(p) <= depth], k=plan.tree.k, top_r=plan.tree.top_r)
-    return Plan(tree, plan.counts[:tree.size])
+    return Plan(tree, tuple(v for v in plan.nodes if v < tree.size), plan.depth)
 
 
 # ----------------------------------------------------------------------------- expected tokens
@@ -104,9 +126,9 @@ def expected_tokens(plan: Plan, accept, cost=None, iters: int = 200):
     stationary distribution of that chain. Same independence assumption as tree.expected_tau.
     """
     rates = torch.as_tensor(accept, dtype=torch.float64)
-    if rates.shape[0] < max(plan.counts):
-        raise ValueError(f"accept covers {rates.shape[0]} offsets, the plan reads {max(plan.counts)}")
-    start = (0, plan.counts[0])
+    if rates.shape[0] < plan.depth:
+        raise ValueError(f"accept covers {rates.shape[0]} offsets, the plan reads {plan.depth}")
+    start = (0, plan.depth)
     chain, todo = {}, [start]
     while todo:  # every state reachable from the first step (the prefill drafts from the root)
         state = todo.pop()
@@ -130,28 +152,17 @@ def expected_tokens(plan: Plan, accept, cost=None, iters: int = 200):
 # ----------------------------------------------------------------------------- the choice
 
 def candidate_plans(accept, sizes, k: int):
-    """For each tree size, the best tree (tree.build_tree), and pseudo tokens for the m nodes most
-    likely to end the walk (m = 1, 2, 4, ..., all; the root always among them), c each (1..k),
-    the root with c or with as many as the tree is deep on top (to stand in for its children)."""
+    """For each tree size, the best tree (tree.build_tree) with pseudo tokens for the m nodes most
+    likely to end the walk (m = 1, 2, 4, ..., all; the root always among them), c each (1..k)."""
     rates = torch.as_tensor(accept, dtype=torch.float64)
-    seen = set()
     for n in sizes:
         tree = build_tree(rates[:k], n)
         p = node_accept_probs(tree, rates)
         end = [float(p[v]) - sum(float(p[c]) for c in tree.children[v]) for v in range(tree.size)]
         order = [0] + sorted(range(1, tree.size), key=lambda v: -end[v])
-        ms = sorted({min(m, tree.size) for m in (1, 2, 4, 8, 16, 32, 64)} | {tree.size})
-        for c in range(1, k + 1):
-            for m in ms:
-                for root in {c, min(k, c + tree.depth)}:
-                    counts = [0] * tree.size
-                    for v in order[:m]:
-                        counts[v] = c
-                    counts[0] = root
-                    key = (tuple(tree.paths), tuple(counts))
-                    if key not in seen:
-                        seen.add(key)
-                        yield Plan(tree, tuple(counts))
+        for m in sorted({min(m, tree.size) for m in (1, 2, 4, 8, 16, 32, 64)} | {tree.size}):
+            for c in range(1, k + 1):
+                yield Plan(tree, tuple(sorted(order[:m])), c)
 
 
 def choose_plan(accept, sizes, k: int, cost):

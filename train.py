@@ -5,7 +5,7 @@ METHOD.md, "Training the projection": one frozen pass gives h^t, the real tokens
 teacher distributions; P positions per sequence get k pseudo tokens each, which run through
 layers t+1..L in ONE pass against that cache (each drafter's train_pass, drafter.py); loss =
 sum_i w_i KL(P_(p+i) || Q_(p,i)). Then the held-out metrics (evaluate, here) and the tree choice
-(latency.select_tree). Read next: analysis.py, the experiments built on these functions.
+(latency.select_plan). Read next: analysis.py, the experiments built on these functions.
 
     python train.py                     # Hidden Transfer: about 20 minutes on a 2-core CPU
     python train.py --drafter medusa    # the Medusa-1 baseline: same data, targets and budget
@@ -27,7 +27,8 @@ from checkpoint import (DRAFTERS, build_drafter, default_checkpoint, model_ident
                         save_atomic, save_checkpoint)
 from data import batches, encode_conversations, read_sharegpt, sharegpt_path, split_holdout
 from generate import add_common_args, check_common_args, float_range, int_range, list_of, load, run_main
-from latency import select_tree
+from latency import select_plan
+from plan import Plan, expected_tokens
 from tree import chain, expected_tau
 
 # ----------------------------------------------------------------------------- the objective
@@ -243,16 +244,15 @@ def run(args, model, train_windows, held_windows) -> dict:
     metrics = evaluate(model, drafter, held_windows, args, args.top_r)
     print(f"held-out, step {step}: {format_metrics(metrics)}")
     sizes = [n for n in args.tree_sizes if n >= 2]  # 1 node, the root alone, accepts nothing
-    tree, curve = select_tree(model, drafter, metrics["accept"], sizes) if sizes else (chain(args.k), None)
-    out = fields(eval=metrics, accept_rates=metrics["accept"], tree=[list(p) for p in tree.paths[1:]],
-                 latency_ms={r["nodes"]: r["ms"] for r in curve["rows"]} if curve else {},
-                 step_ms=curve["step_ms"] if curve else None, finished=True)
+    plan, table = (select_plan(model, drafter, metrics["accept"], sizes) if sizes
+                   else (Plan.full(chain(args.k), args.k), None))
+    out = fields(eval=metrics, accept_rates=metrics["accept"], **plan.fields(), plan_table=table, finished=True)
     save_checkpoint(out_path, drafter, model, out)
     last = history[-20:] or [float("nan")]
     print(f"\n{args.drafter}: {step} steps; this run trained {train_s / 60:.1f} min "
           f"({train_s / max(1, step - first):.2f} s/step); loss {sum(last) / len(last):.3f} (mean of the "
-          f"last {len(last)} steps); tree of {tree.size} nodes, expected tau "
-          f"{expected_tau(tree, metrics['accept']):.2f}")
+          f"last {len(last)} steps); plan {plan.text()}, expected tau "
+          f"{expected_tokens(plan, metrics['accept'])[0]:.2f}")
     print(f"saved {out_path}; try it: python decode.py --drafter-checkpoint {out_path} --check")
     return out
 
@@ -296,7 +296,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int_range(0), default=600, help="eval and save every N steps; 0: end")
     p.add_argument("--top-r", type=int_range(1), default=10, help="draft ranks measured for acceptance rates")
     p.add_argument("--tree-sizes", type=list_of(int_range(1)), default="1,2,3,4,6,8,12,16,24,32",
-                   help="tree sizes (nodes, root included) to time at the end ('' = keep a chain)")
+                   help="tree sizes (nodes, root included) whose plans are timed at the end ('' = keep a chain)")
     p.add_argument("--drafter-checkpoint", default=None,
                    help="where the drafter is saved (and --resume reads it); None = checkpoints/<drafter>.pt")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --drafter-checkpoint exactly")

@@ -113,8 +113,8 @@ class Tree:
             raise ValueError(f"drafts of shape {(k, top_r)} are too small for a tree of depth "
                              f"{self.depth} and max rank {int(self.ranks.max())}")
         depths, ranks = self.depths.to(drafts_topr.device), self.ranks.to(drafts_topr.device)
-        out = drafts_topr[(depths - 1).clamp(min=0), ranks]  # (N,): the root reads a dummy entry
-        out[0] = root_token
+        out = torch.full((self.size,), root_token, dtype=torch.long, device=drafts_topr.device)
+        out[1:] = drafts_topr[depths[1:] - 1, ranks[1:]]  # (N-1,): node (.., r_j) reads q_j's rank r_j
         return out
 
     def positions(self, n: int) -> torch.Tensor:

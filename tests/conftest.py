@@ -1,11 +1,15 @@
 """Shared test setup: one CPU thread, the real default model loaded once per session, and the
 helpers several test files use (`from conftest import tiny`): tiny(), the small random model most
-tests run on, fake_windows(), made-up training windows, and FakeTokenizer, a made-up chat format."""
+tests run on, fake_windows(), made-up training windows, FakeTokenizer, a made-up chat format, and
+the drafters and hooks of the decoding tests (random_transfer, Oracle, check_cache)."""
+
+import random
 
 import pytest
 import torch
 
-from model import ModelArgs, Transformer
+from model import KVCache, ModelArgs, Transformer, causal_mask
+from transfer import HiddenTransfer
 
 # Tests are many small ops on tiny models, which a second thread only slows down (and a busy
 # machine's thread contention can slow a hundredfold). Timings live in bench.py, never here.
@@ -58,3 +62,54 @@ class FakeTokenizer:
 
     def decode(self, ids):
         return "".join(chr(32 + i % 90) for i in ids)
+
+
+# ----------------------------------------------------------------------------- drafters for decoding tests
+
+def random_transfer(model, layer, k=3, seed=0):
+    ht = HiddenTransfer(model.args.dim, k, layer)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        ht.proj.weight.add_(0.3 * torch.randn(ht.proj.weight.shape, generator=g))
+        ht.proj.bias.normal_(0, 0.1, generator=g)
+    return ht
+
+
+class Oracle(HiddenTransfer):
+    """A real pseudo-token pass whose drafts are then replaced by the known right answer, placed at
+    rank 0 (60%), rank 1 (25%) or nowhere near the top (15%). Only decoding logic is under test."""
+
+    def __init__(self, model, reference, layer=2, k=3, seed=0):
+        super().__init__(model.args.dim, k, layer)
+        self.ref, self.rng, self.V = reference, random.Random(seed), model.args.vocab_size
+
+    def tree_pass(self, model, tokens, pos, tree_mask, n, cache, nodes=None, depth=None):
+        hidden, _ = super().tree_pass(model, tokens, pos, tree_mask, n, cache, nodes, depth)
+        nodes, depth = torch.arange(tokens.shape[1]) if nodes is None else nodes, depth or self.k
+        # the "state" of pseudo (a, i) is the position it predicts: pos(a) + i + 1, (M, depth)
+        return hidden, pos[nodes][:, None] + torch.arange(2, depth + 2)
+
+    def draft_logits(self, model, targets):
+        logits = torch.randn(len(targets), self.V)
+        for i, target in enumerate(targets.tolist()):
+            if target < len(self.ref):
+                u, top = self.rng.random(), logits[i].topk(3).indices
+                if u < 0.6:
+                    logits[i, self.ref[target]] = 100.0
+                elif u < 0.85:
+                    logits[i, self.ref[target]] = 50.0
+                    logits[i, top[0] if top[0] != self.ref[target] else top[1]] = 100.0
+                else:
+                    logits[i, self.ref[target]] = -100.0
+        return logits
+
+
+def check_cache(model, prompt, emitted):
+    """on_step hook: the cache's accepted prefix equals a fresh prefill of what was emitted."""
+    def hook(cache, n):
+        seq = (prompt + emitted)[:n]
+        fresh = KVCache(model.args, 1, n)
+        model(torch.tensor([seq]), torch.arange(n), causal_mask(n), torch.arange(n), fresh)
+        torch.testing.assert_close(cache.k[:, :, :, :n], fresh.k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.v[:, :, :, :n], fresh.v, rtol=1e-5, atol=1e-5)
+    return hook

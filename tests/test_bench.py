@@ -84,7 +84,7 @@ def test_run_bench_is_lossless_and_reports_every_method_and_category(temperature
         assert s[m]["mismatches"] == 0 and len(s[m]["alpha"]) == 3
         assert s[m]["tokens"] == s["plain"]["tokens"] and s[m]["passes"] <= s["plain"]["passes"]
     text = bench.report(results)
-    for word in ("plain", "transfer", "medusa", "writing", "math", "coding", "tree of medusa: 7 nodes"):
+    for word in ("plain", "transfer", "medusa", "writing", "math", "coding", "plan of medusa: 7 nodes"):
         assert word in text
     json.dumps(results)  # everything the CLI saves must be plain json
 

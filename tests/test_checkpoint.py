@@ -98,8 +98,16 @@ def test_wrong_kind_and_round_trip(tmp_path):
     save_checkpoint(path, HiddenTransfer(64, 3, 2), model, {"tree": [[0], [1]]})
     with pytest.raises(CheckpointError, match="holds a transfer drafter, not medusa"):
         open_checkpoint(path, "medusa")
-    drafter, tree, note = load_drafter(model, path, "transfer")
-    assert isinstance(drafter, HiddenTransfer) and tree.paths == [(), (0,), (1,)] and path in note
+    drafter, plan, note = load_drafter(model, path, "transfer")
+    assert isinstance(drafter, HiddenTransfer) and plan.tree.paths == [(), (0,), (1,)] and path in note
+    assert plan.nodes == (0, 1, 2) and plan.depth == 1  # a stored tree alone: pseudo tokens sized to it
+    save_checkpoint(path, HiddenTransfer(64, 3, 2), model, {"tree": [[0], [1]], "pseudo_nodes": [0],
+                                                           "pseudo_depth": 2})
+    assert load_drafter(model, path)[1].text() == "0;1 [nodes 0 x 2]"
+    save_checkpoint(path, HiddenTransfer(64, 3, 2), model, {"tree": [[0]], "pseudo_nodes": [1],
+                                                           "pseudo_depth": 2})
+    with pytest.raises(CheckpointError, match="stores a bad plan"):
+        load_drafter(model, path)
     assert isinstance(build_drafter(open_checkpoint(path), path, model), HiddenTransfer)
 
 
@@ -113,7 +121,7 @@ def test_checkpoints_saved_before_the_kind_names_still_load(tmp_path):
 def test_only_the_default_path_falls_back(tmp_path, monkeypatch):
     model = tiny()
     monkeypatch.chdir(tmp_path)  # no checkpoints/ here
-    drafter, tree, note = load_drafter(model)
+    drafter, plan, note = load_drafter(model)
     assert isinstance(drafter, HiddenTransfer) and "UNTRAINED" in note and "checkpoints/transfer.pt" in note
     drafter, _, note = load_drafter(model, kind="medusa")
     assert isinstance(drafter, Medusa) and "python train.py --drafter medusa" in note

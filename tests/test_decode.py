@@ -5,12 +5,10 @@ Tiny random models (fp32), random projections, several transfer layers and tree 
 cache compaction and stops inside a step are all exercised.
 """
 
-import random
-
 import pytest
 import torch
 
-from conftest import tiny
+from conftest import Oracle, check_cache, random_transfer, tiny
 from decode import accept, generate_tree
 from generate import Sampler, generate
 from medusa import Medusa
@@ -25,55 +23,6 @@ TREES = {
     "wide": Tree([(0,), (1,), (2,), (3,), (0, 0), (1, 0)], k=3),
     "deep": Tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 1, 0), (0, 0, 1)], k=3),
 }
-
-
-def random_transfer(model, layer, k=3, seed=0):
-    ht = HiddenTransfer(model.args.dim, k, layer)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        ht.proj.weight.add_(0.3 * torch.randn(ht.proj.weight.shape, generator=g))
-        ht.proj.bias.normal_(0, 0.1, generator=g)
-    return ht
-
-
-class Oracle(HiddenTransfer):
-    """A real pseudo-token pass whose drafts are then replaced by the known right answer, placed at
-    rank 0 (60%), rank 1 (25%) or nowhere near the top (15%). Only decoding logic is under test."""
-
-    def __init__(self, model, reference, layer=2, k=3, seed=0):
-        super().__init__(model.args.dim, k, layer)
-        self.ref, self.rng, self.V = reference, random.Random(seed), model.args.vocab_size
-
-    def tree_pass(self, model, tokens, pos, tree_mask, n, cache, nodes=None, depth=None):
-        hidden, _ = super().tree_pass(model, tokens, pos, tree_mask, n, cache, nodes, depth)
-        nodes = torch.arange(tokens.shape[1]) if nodes is None else nodes
-        return hidden, pos[nodes]  # the "state" of a node is just its position
-
-    def draft_logits(self, model, pos):
-        logits = torch.randn(self.k, self.V)
-        for i in range(self.k):
-            target = int(pos) + i + 2  # pseudo (p, i+1) predicts position p + i + 2
-            if target < len(self.ref):
-                u, top = self.rng.random(), logits[i].topk(3).indices
-                if u < 0.6:
-                    logits[i, self.ref[target]] = 100.0
-                elif u < 0.85:
-                    logits[i, self.ref[target]] = 50.0
-                    logits[i, top[0] if top[0] != self.ref[target] else top[1]] = 100.0
-                else:
-                    logits[i, self.ref[target]] = -100.0
-        return logits
-
-
-def check_cache(model, prompt, emitted):
-    """on_step hook: the cache's accepted prefix equals a fresh prefill of what was emitted."""
-    def hook(cache, n):
-        seq = (prompt + emitted)[:n]
-        fresh = KVCache(model.args, 1, n)
-        model(torch.tensor([seq]), torch.arange(n), causal_mask(n), torch.arange(n), fresh)
-        torch.testing.assert_close(cache.k[:, :, :, :n], fresh.k, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(cache.v[:, :, :, :n], fresh.v, rtol=1e-5, atol=1e-5)
-    return hook
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

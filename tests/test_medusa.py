@@ -65,7 +65,7 @@ def test_medusa_decoding_is_lossless():
 def test_checkpoint_round_trip(tmp_path):
     model, medusa = tiny(), random_medusa()
     save_checkpoint(str(tmp_path / "m.pt"), medusa, model, {"tree": [[0]]})
-    loaded, tree, note = load_drafter(model, str(tmp_path / "m.pt"))
+    loaded, plan, note = load_drafter(model, str(tmp_path / "m.pt"))
     assert isinstance(loaded, Medusa) and loaded.config() == {"dim": 64, "k": 3}
     assert torch.equal(loaded.proj.weight, medusa.proj.weight)
-    assert tree.paths == [(), (0,)] and "(medusa)" in note
+    assert plan.tree.paths == [(), (0,)] and "(medusa)" in note

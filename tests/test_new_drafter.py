@@ -72,18 +72,19 @@ def test_a_new_drafter_trains_decodes_and_benches(registered, tmp_path):
     out = train.run(args, model, fake_windows(8), fake_windows(2, seed=1))
     assert out["finished"] and len(out["history"]) == 8 and len(out["eval"]["top1"]) == 3
 
-    drafter, tree, note = load_drafter(model, path, "last-hidden")
+    drafter, plan, note = load_drafter(model, path, "last-hidden")
     assert isinstance(drafter, LastHidden) and drafter.proj.weight.abs().sum() > 0, "it trained"
-    assert [list(p) for p in tree.paths[1:]] == out["tree"] and "(last-hidden)" in note
+    assert plan.fields() == {k: out[k] for k in ("tree", "pseudo_nodes", "pseudo_depth")}
+    assert "(last-hidden)" in note
 
     prompt = fake_windows(1, seed=2)[0][0][:10].tolist()
-    for t in (tree, Tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], k=3)):
+    for t in (plan, Tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], k=3)):
         for sampler in (lambda: Sampler(), lambda: Sampler(0.8, 0.9, seed=5)):
             ref = generate(model, prompt, 24, sampler())
             assert generate_tree(model, drafter, prompt, t, 24, sampler()).tokens == ref.tokens
 
     prompts = [("writing", ["Write a poem."]), ("math", ["What is 2 + 2?"])]
-    results = bench.run_bench(model, FakeTokenizer(), {"plain": None, "last-hidden": (drafter, tree)}, prompts, 12)
+    results = bench.run_bench(model, FakeTokenizer(), {"plain": None, "last-hidden": (drafter, plan)}, prompts, 12)
     s = results["summary"]
     assert results["mismatches"] == [] and s["last-hidden"]["tokens"] == s["plain"]["tokens"]
     assert "| last-hidden |" in bench.report(results)
