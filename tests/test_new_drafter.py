@@ -66,7 +66,7 @@ def registered():
 
 def test_a_new_drafter_trains_decodes_and_benches(registered, tmp_path):
     model, path = tiny(), str(tmp_path / "last.pt")
-    args = train.parse_args(["--drafter", "last-hidden", "--steps", "8", "--seq-len", "24", "--lr", "1e-2",
+    args = train.parse_args(["--drafter", "last-hidden", "--steps", "8", "--seq-len", "24", "--lr", "1e-2", "--k", "3",
                              "--positions-per-seq", "6", "--warmup", "2", "--eval-every", "0",
                              "--tree-sizes", "2,4", "--drafter-checkpoint", path])
     out = train.run(args, model, fake_windows(8), fake_windows(2, seed=1))

@@ -25,7 +25,7 @@ def load_checkpoint(path, model):
 
 
 def args_for(tmp_path, *flags):
-    return train.parse_args(["--seq-len", str(T), "--positions-per-seq", "6", "--transfer-layer", "2",
+    return train.parse_args(["--seq-len", str(T), "--positions-per-seq", "6", "--transfer-layer", "2", "--k", "3",
                              "--lr", "1e-2", "--warmup", "2", "--eval-every", "0", "--tree-sizes", "2,3",
                              "--drafter-checkpoint", str(tmp_path / "drafter.pt"), *flags])
 
@@ -146,7 +146,7 @@ def test_ctrl_c_saves_and_resume_is_exact(kind, tmp_path, monkeypatch):
 
 def args_flags(args):
     """The command line that made `args` (what a user types again to resume)."""
-    return ["--seq-len", str(T), "--positions-per-seq", "6", "--transfer-layer", "2", "--lr", "1e-2",
+    return ["--seq-len", str(T), "--positions-per-seq", "6", "--transfer-layer", "2", "--k", "3", "--lr", "1e-2",
             "--warmup", "2", "--eval-every", "0", "--tree-sizes", "", "--drafter-checkpoint", args.drafter_checkpoint,
             "--drafter", args.drafter, "--steps", str(args.steps)]
 
@@ -175,7 +175,7 @@ def args_for_eval():
 
 def test_bad_flags_are_one_line_errors():
     with pytest.raises(SystemExit):
-        train.parse_args(["--offset-weights", "1,2"])
+        train.parse_args(["--offset-weights", "1,2,3"])  # k = 2: two weights
 
 
 # ----------------------------------------------------------------------------- analysis.py
