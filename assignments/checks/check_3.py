@@ -1,5 +1,6 @@
-"""Assignment 3: tree.pseudo_mask, tree.pseudo_positions and transfer.HiddenTransfer.tree_pass,
-against a brute-force mask and a plain causal forward over [real path | pseudo tokens]."""
+"""Assignment 3: tree.pseudo_rows, tree.pseudo_positions, tree.pseudo_mask and
+transfer.HiddenTransfer.tree_pass, against brute-force masks and a plain causal forward over
+[real path | pseudo tokens]."""
 
 import torch
 
@@ -22,13 +23,40 @@ def setup(seed=0, paths=None, n=4, layer=2):
     return model, tree, ctx, tokens, cache, random_transfer(model, layer, seed=seed)
 
 
-@check("pseudo (a, i) sits at position pos(a) + i, i = 1..k, node-major: (a,1)..(a,k), (b,1)..")
+@check("pseudo (a, i) sits at position pos(a) + i, i = 1..k, owner-major: (a,1)..(a,k), (b,1)..; "
+       "leading (batch) dimensions are kept")
 def check_pseudo_positions():
     from tree import pseudo_positions
     pos = torch.tensor([5, 6, 6, 7])
     for k in (1, 3):
         want = [p + i for p in pos.tolist() for i in range(1, k + 1)]
         expect(pseudo_positions(pos, k).tolist() == want, f"pseudo_positions({pos.tolist()}, {k})")
+    batch = torch.tensor([[0, 3], [2, 9]])  # (B, M), as training passes it
+    want = [[p + i for p in row for i in (1, 2)] for row in batch.tolist()]
+    expect(pseudo_positions(batch, 2).tolist() == want, f"pseudo_positions({batch.tolist()}, 2)")
+
+
+@check("pseudo_rows(sees, k): owner a's k pseudo rows, owner-major, each see sees[a] and then, among "
+       "the M*k pseudo columns, only (a, j <= i); leading (batch) dimensions are kept")
+def check_pseudo_rows_brute_force():
+    from tree import pseudo_rows
+    g = torch.Generator().manual_seed(0)
+    for shape, k in [((3, 5), 1), ((4, 6), 3), ((2, 3, 7), 2)]:
+        sees = torch.rand(shape, generator=g) < 0.5                      # (..., M, C)
+        *lead, M, C = shape
+        got = pseudo_rows(sees, k)
+        expect(tuple(got.shape) == (*lead, M * k, C + M * k), f"pseudo_rows shape {tuple(got.shape)} for "
+               f"sees {shape}, k={k}; expected {(*lead, M * k, C + M * k)}")
+        flat = sees.reshape(-1, M, C)
+        for b in range(flat.shape[0]):
+            want = torch.zeros(M * k, C + M * k, dtype=torch.bool)
+            for a in range(M):
+                for i in range(k):
+                    want[a * k + i, :C] = flat[b, a]
+                    for j in range(i + 1):
+                        want[a * k + i, C + a * k + j] = True
+            expect(torch.equal(got.reshape(-1, M * k, C + M * k)[b], want),
+                   f"pseudo_rows wrong for sees {shape}, k={k}:\n{got.reshape(-1, M * k, C + M * k)[b].int()}")
 
 
 @check("rows and columns are [cache | N nodes | pseudo tokens node-major]; a real row sees the cache, "
@@ -70,23 +98,25 @@ def check_tree_pass_real_states():
 
 
 @check("pseudo (a,i) = W_i h^t_a at position pos(a)+i, then layers t+1..L; its final state must equal "
-       "a causal forward from layer t over [context + path to a | (a,1)..(a,k)]")
+       "a causal forward from layer t over [context + path to a | (a,1)..(a,depth)], for the given "
+       "nodes (default all) and depth (default k)")
 def check_tree_pass_pseudo_states():
-    for seed, nodes in [(0, None), (1, [4, 0, 2]), (2, None)]:
+    for seed, nodes, depth in [(0, None, None), (1, [4, 0, 2], None), (2, None, None), (3, [0, 3], 2)]:
         model, tree, ctx, tokens, cache, ht = setup(seed, layer=1 + seed % 3)
-        t, L = ht.layer, model.args.n_layers
+        t, L, d = ht.layer, model.args.n_layers, depth or ht.k
         with torch.no_grad():
             _, states = ht.tree_pass(model, tokens, len(ctx) + tree.depths, tree.mask, len(ctx), cache,
-                                     None if nodes is None else torch.tensor(nodes))
+                                     None if nodes is None else torch.tensor(nodes), depth)
             owners = list(range(tree.size)) if nodes is None else nodes
-            expect(tuple(states.shape) == (len(owners), ht.k, model.args.dim),
-                   f"states shape {tuple(states.shape)}, expected {(len(owners), ht.k, model.args.dim)}")
+            expect(tuple(states.shape) == (len(owners), d, model.args.dim),
+                   f"states shape {tuple(states.shape)}, expected {(len(owners), d, model.args.dim)} "
+                   f"(nodes {nodes}, depth {depth})")
             for m, a in enumerate(owners):
                 seq = ctx + tokens[0, tree.path_to(a)].tolist()
                 h_t = final_states(model, seq, 0, t)                          # (len, dim) after layer t
-                h = torch.cat([h_t, ht(h_t[-1])])                             # (len + k, dim)
-                ref = final_states(model, None, t, L, h=h)[len(seq):]         # (k, dim)
-                close(states[m], ref, f"pseudo states of node {a} (transfer layer {t})")
+                h = torch.cat([h_t, ht(h_t[-1], d)])                          # (len + d, dim)
+                ref = final_states(model, None, t, L, h=h)[len(seq):]         # (d, dim)
+                close(states[m], ref, f"pseudo states of node {a} (transfer layer {t}, depth {d})")
 
 
 @check("only the N nodes are written to the cache (slots n..n+N-1, the same K/V as a plain pass with "

@@ -1,5 +1,6 @@
-"""Assignment 4: decode.accept (the acceptance walk) and decode.generate_tree (the step loop,
-cache compaction), against a brute-force walk and plain decoding, greedy and seeded."""
+"""Assignment 4: decode.accept (the acceptance walk), plan.Plan.source (where the next drafts come
+from) and decode.generate_tree (the step loop, cache compaction, plans), against a brute-force
+walk, a brute-force search over the accepted path, and plain decoding, greedy and seeded."""
 
 import random
 
@@ -144,3 +145,84 @@ def check_stops_inside_a_step():
             expect(out.tokens == full[:cut + 1], f"stop token {stop}: got {len(out.tokens)} tokens, "
                    f"expected {cut + 1}")
     expect(tried > 0, "internal: no usable stop token")
+
+
+# ----------------------------------------------------------------------------- plans
+
+def random_plans(seed: int):
+    """Random plans: a random tree (k = 3), random nodes carrying pseudo tokens (the root always),
+    1..3 of them each."""
+    from plan import Plan
+    from tree import Tree
+    rng = random.Random(seed)
+    tree = Tree(random_paths(seed, 1 + seed % 10), k=3)
+    nodes = (0,) + tuple(v for v in range(1, tree.size) if rng.random() < 0.4)
+    return Plan(tree, nodes, rng.randint(1, 3))
+
+
+def reach_source(plan, path):
+    """Brute force: the drafts that reach furthest past v = path[-1]. A carrier u on the path with c
+    pseudo tokens drafts positions pos(u)+2..pos(u)+c+1, so it has c - (depth(v) - depth(u)) drafts
+    for the tokens after v. The best (row, shift, drafts), or (None, 0, 0) when none has any."""
+    best = (None, 0, 0)
+    for depth_u, u in enumerate(path):
+        if u in plan.nodes:
+            shift = len(path) - 1 - depth_u
+            if plan.depth - shift > best[2]:
+                best = (plan.nodes.index(u), shift, plan.depth - shift)
+    return best
+
+
+@check("Plan.source(path): the next drafts come from the DEEPEST accepted node u that carries pseudo "
+       "tokens reaching past v = path[-1]: (u's row in nodes, shift depth(v) - depth(u), depth - shift); "
+       "(None, 0, 0) when no accepted node reaches")
+def check_plan_source_brute_force():
+    for seed in range(30):
+        plan = random_plans(seed)
+        for v in range(plan.tree.size):
+            path = plan.tree.path_to(v)
+            got, want = tuple(plan.source(path)), reach_source(plan, path)
+            expect(got == want, f"source({path}) for {plan.text()}: got {got}, expected {want} "
+                   "(row in nodes, shift, drafts available)")
+
+
+def perfect_accepted(plan, max_new: int) -> list:
+    """Accepted drafts per pass when every draft is right: the walk follows the rank-0 path of the
+    tree cut to the drafts available; the next drafts are those that reach furthest past its end."""
+    zero = [0] + [plan.tree.paths.index((0,) * d) for d in range(1, plan.tree.depth + 1)
+                  if (0,) * d in plan.tree.paths]                 # the rank-0 chain's node indices
+    out, left, avail = [], max_new - 1, plan.depth                # the prefill emits one token
+    while left > 0:
+        acc = min(len(zero) - 1, avail, left - 1)
+        out.append(acc)
+        left -= acc + 1
+        avail = reach_source(plan, zero[:acc + 1])[2]
+    return out
+
+
+@check("with a plan, step 5 takes the next drafts from Plan.source (states[row, shift:]), cuts the next "
+       "tree to the drafts there are, and runs a root-only step when there are none; every plan stays "
+       "lossless")
+def check_plans_fallback_and_lossless():
+    from decode import generate_tree
+    from generate import Sampler, generate
+    from plan import Plan
+    from tree import Tree
+    model, prompt = tiny_model(3), [4, 8, 15, 16, 23, 42]
+    ref = generate(model, prompt, 30, Sampler()).tokens
+    chain3, two = Tree(TREES[0], k=3), Tree([(0,), (0, 0)], k=3)
+    plans = [Plan(chain3, (0,), 3), Plan(chain3, (0, 1), 3), Plan(chain3, (0, 2), 2), Plan(two, (0, 1), 3),
+             Plan(Tree(TREES[2], k=3), (0, 1, 3), 3), Plan(Tree(TREES[2], k=3), (0, 2), 2)]
+    for plan in plans:
+        out = generate_tree(model, oracle_drafter(model, prompt + ref, perfect=True), prompt, plan, 30, Sampler())
+        expect(out.tokens == ref, f"plan {plan.text()}: differs from plain decoding")
+        want = perfect_accepted(plan, 30)
+        expect(out.accepted == want, f"plan {plan.text()}, drafts always right: accepted per pass "
+               f"{out.accepted}, expected {want}")
+    for seed in range(4):
+        plan = random_plans(seed + 3)
+        for temp in (0.0, 0.8):
+            ref = generate(model, prompt, 16, Sampler(temp, 1.0, seed)).tokens
+            for drafter in (oracle_drafter(model, prompt + ref, seed=seed), random_transfer(model, 2, seed=seed)):
+                out = generate_tree(model, drafter, prompt, plan, 16, Sampler(temp, 1.0, seed))
+                expect(out.tokens == ref, f"plan {plan.text()}, temperature {temp}: {out.tokens} != plain {ref}")

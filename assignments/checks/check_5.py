@@ -1,23 +1,30 @@
-"""Assignment 5: train.training_mask, train.teacher_logprobs and train.distill_loss, against a
-brute-force mask, the model's own full forward, and the KL written out term by term."""
+"""Assignment 5: transfer.HiddenTransfer.pseudo_inputs (the pseudo tokens of a training window),
+train.teacher_logprobs and train.distill_loss, against a brute-force mask, the model's own full
+forward, and the KL written out term by term."""
 
 import torch
 import torch.nn.functional as F
 
-from common import (check, close, expect, final_states, random_transfer, tiny_model, training_mask,
+from common import (check, close, expect, final_states, random_transfer, tiny_model, training_inputs,
                     training_pseudo_states)
 
 POSITIONS = torch.tensor([[0, 3, 6], [2, 5, 9]])  # (B, P): sorted training positions per sequence
 
 
-@check("rows are pseudo tokens (p,1)..(p,k) per chosen p; columns [T real tokens | pseudo tokens]; "
-       "pseudo (p,i) sees real tokens 0..p (p included) and (p,j<=i) only")
-def check_training_mask_brute_force():
+@check("pseudo_inputs: rows are pseudo tokens (p,1)..(p,k) per chosen p, owner-major; inputs W_i h^t_p; "
+       "positions p+i; mask columns [T real tokens | pseudo tokens]: (p,i) sees real tokens 0..p (p "
+       "included) and (p,j<=i) only")
+def check_pseudo_inputs_brute_force():
+    g = torch.Generator().manual_seed(0)
     for k, T in [(1, 10), (3, 12)]:
         B, P = POSITIONS.shape
-        got = training_mask(POSITIONS, k, T)
+        ht = random_transfer(tiny_model(0), 2, k=k)
+        h_t = torch.randn(B, T, ht.dim, generator=g)
+        with torch.no_grad():
+            x, pos, got = training_inputs(ht, h_t, POSITIONS)
         expect(tuple(got.shape) == (B, P * k, T + P * k), f"mask shape {tuple(got.shape)}, expected "
                f"{(B, P * k, T + P * k)} for k={k}, T={T}")
+        expect(tuple(x.shape) == (B, P * k, ht.dim), f"inputs shape {tuple(x.shape)}, expected {(B, P * k, ht.dim)}")
         for b in range(B):
             rows = [(int(p), i) for p in POSITIONS[b] for i in range(1, k + 1)]
             want = torch.zeros(len(rows), T + len(rows), dtype=torch.bool)
@@ -25,7 +32,11 @@ def check_training_mask_brute_force():
                 want[r, :p + 1] = True
                 for c, (q, j) in enumerate(rows):
                     want[r, T + c] = q == p and j <= i
+                W_i, b_i = ht.proj.weight[(i - 1) * ht.dim:i * ht.dim], ht.proj.bias[(i - 1) * ht.dim:i * ht.dim]
+                close(x[b, r], h_t[b, p] @ W_i.T + b_i, f"input of pseudo (p={p}, i={i}) in sequence {b}, k={k}")
             expect(torch.equal(got[b], want), f"training mask wrong for positions {POSITIONS[b].tolist()}, k={k}")
+            expect(pos[b].tolist() == [p + i for p, i in rows], f"pseudo positions {pos[b].tolist()} for "
+                   f"positions {POSITIONS[b].tolist()}, k={k}; expected p + i")
 
 
 @check("pseudo states in training must equal decoding's: a causal forward from layer t over "

@@ -1,5 +1,6 @@
-"""Assignment 6: tree.expected_tau and tree.build_tree, against an exact enumeration of outcomes and
-a search over every tree; then decoding with a built tree stays lossless (whatever drafter you use)."""
+"""Assignment 6: tree.node_accept_probs, tree.expected_tau and tree.build_tree, against an exact
+enumeration of outcomes and a search over every tree; then decoding with a built tree stays lossless
+(whatever drafter you use)."""
 
 import itertools
 
@@ -30,6 +31,34 @@ def enumerated_tau(paths, rates) -> float:
             path += (r,)
         total += prob * (len(path) + 1)
     return total
+
+
+def enumerated_node_probs(paths, rates) -> list:
+    """P(node accepted) for () and every path, by enumerating which rank (or none) is right at every
+    offset: a node is accepted when every step of its path names the right rank."""
+    k, top_r = rates.shape
+    probs = {(): 1.0, **{tuple(p): 0.0 for p in paths}}
+    for outcome in itertools.product(range(top_r + 1), repeat=k):
+        prob = 1.0
+        for j, r in enumerate(outcome):
+            prob *= float(rates[j, r]) if r < top_r else 1.0 - float(rates[j].sum())
+        for p in paths:
+            if tuple(outcome[:len(p)]) == tuple(p):
+                probs[tuple(p)] += prob
+    return probs
+
+
+@check("node_accept_probs(tree, accept)[v] = P(node v accepted) = the product of accept[depth-1][rank] "
+       "over the nodes of v's path below the root (the root is decided: 1), one value per node (N,)")
+def check_node_accept_probs_exact():
+    from tree import Tree, node_accept_probs
+    for seed in range(8):
+        rates = random_rates(20 + seed, 3, 3)
+        tree = Tree(random_paths(seed, 1 + seed), k=3)
+        want = enumerated_node_probs(tree.paths[1:], rates)
+        got = node_accept_probs(tree, rates.tolist())
+        close(got, torch.tensor([want[tuple(p)] for p in tree.paths], dtype=torch.float64),
+              f"node_accept_probs of {tree.paths[1:]}", 1e-9)
 
 
 @check("expected tau = 1 (the bonus token, always emitted) + sum over non-root nodes of the product of "

@@ -67,20 +67,19 @@ def final_states(model, tokens: list, start: int = 0, stop=None, h=None, pos=Non
 
 
 # ----------------------------------------------------------------------------- training entry points
-# The checks reach training through these two functions only, so a refactor of train.py changes
-# this block (and make.py's table), not the checks.
+# The checks reach training through these two functions only, so a refactor of the training code
+# changes this block (and make.py's table), not the checks.
 
-def training_mask(positions: torch.Tensor, k: int, T: int) -> torch.Tensor:
-    """(B, P*k, T + P*k) bool: what training's pseudo tokens may attend to in layers t+1..L."""
-    import train
-    return train.training_mask(positions, k, T)
+def training_inputs(drafter, h_t: torch.Tensor, positions: torch.Tensor):
+    """What training feeds layers t+1..L for the pseudo tokens of `positions` (B, P) in windows whose
+    layer-t states are h_t (B, T, dim): (inputs (B, P*k, dim), positions (B, P*k),
+    mask (B, P*k, T + P*k) bool over [T real tokens | pseudo tokens])."""
+    return drafter.pseudo_inputs(h_t, positions)
 
 
 def training_pseudo_states(model, drafter, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """(B, P, k, dim): the final states of the pseudo tokens of `positions` (B, P) in windows ids."""
-    import train
-    h_t, h_L, cache = train.frozen_pass(model, drafter, ids)
-    return train.draft_states(model, drafter, h_t, h_L, cache, positions)
+    return drafter.train_pass(model, ids, positions)[0]
 
 
 # ----------------------------------------------------------------------------- random trees
@@ -116,15 +115,16 @@ def oracle_drafter(model, reference: list, layer: int = 2, k: int = 3, seed: int
     from transfer import HiddenTransfer
 
     class Oracle(HiddenTransfer):
-        def tree_pass(self, model, tokens, pos, tree_mask, n, cache, nodes=None, **kw):
-            hidden, _ = super().tree_pass(model, tokens, pos, tree_mask, n, cache, nodes, **kw)
-            nodes = torch.arange(tokens.shape[1]) if nodes is None else nodes
-            return hidden, pos[nodes]  # a node's "state" is its position
+        def tree_pass(self, model, tokens, pos, tree_mask, n, cache, nodes=None, depth=None):
+            hidden, states = super().tree_pass(model, tokens, pos, tree_mask, n, cache, nodes, depth)
+            nodes = torch.arange(tokens.shape[1]) if nodes is None else torch.as_tensor(nodes)
+            # a pseudo token's "state" is the position it drafts: (a, i) drafts pos(a) + i + 1
+            offsets = torch.arange(2, states.shape[1] + 2)
+            return hidden, pos[nodes].cpu()[:, None] + offsets                # (M, depth)
 
-        def draft_logits(self, model, pos):
-            logits = torch.randn(self.k, model.args.vocab_size, generator=self.g)
-            for i in range(self.k):
-                target = int(pos) + i + 2  # pseudo (p, i+1) drafts position p + i + 2
+        def draft_logits(self, model, targets):
+            logits = torch.randn(len(targets), model.args.vocab_size, generator=self.g)
+            for i, target in enumerate(targets.tolist()):
                 if target < len(reference):
                     u, right = 0.0 if perfect else self.rng.random(), reference[target]
                     top = [int(t) for t in logits[i].topk(2).indices if int(t) != right][0]
