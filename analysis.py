@@ -5,7 +5,7 @@ depth), (c) whether training on the model's own replies pays, and (d) re-timing 
 plan choice on this machine (latency.select_plan). Read next: latency.py.
 
     python analysis.py --cosine                         # uses checkpoints/transfer.pt
-    python analysis.py --select-tree                    # re-time its tree on this machine
+    python analysis.py --select-tree                    # re-choose its plan on this machine
     python analysis.py --sweep-layers 6,10,15,20,25 --sweep-steps 150
     python analysis.py --self-distill 100 --self-distill-steps 300
 """
@@ -163,9 +163,9 @@ def main(argv=None):
     parser.add_argument("--cosine", action="store_true",
                         help="cosine similarity of pseudo and real hidden states, per layer after t")
     parser.add_argument("--select-tree", action="store_true",
-                        help="re-time the tree sizes on THIS machine and store the best tree in "
-                             "--drafter-checkpoint (train.py does this at the end; rerun it after moving "
-                             "a checkpoint)")
+                        help="choose the decoding plan again with THIS machine's pass times and store it "
+                             "in --drafter-checkpoint (train.py does this at the end; rerun it after moving "
+                             "a checkpoint to another machine)")
     parser.add_argument("--windows", type=int_range(1), default=50, help="held-out windows for --cosine")
     parser.add_argument("--sweep-layers", type=list_of(int_range(1)), default=None,
                         help="transfer layers to compare, e.g. 6,10,15,20,25")
@@ -184,6 +184,8 @@ def main(argv=None):
     try:
         if args.select_tree:
             retime_plan(model, train_args.drafter_checkpoint, train_args.tree_sizes)
+        if not (args.cosine or args.sweep_layers or args.self_distill):
+            return  # the plan needs no data: only the stored acceptance rates and this machine
         train_windows, held_windows = train.load_windows(train_args, model, tok)
         if args.cosine:
             path = train_args.drafter_checkpoint
