@@ -26,6 +26,7 @@ from tqdm import tqdm
 from checkpoint import (DRAFTERS, build_drafter, default_checkpoint, model_identity, open_checkpoint,
                         save_atomic, save_checkpoint)
 from data import batches, encode_conversations, read_sharegpt, sharegpt_path, split_holdout
+from distributed import ddp, follow, is_main, setup, shard
 from generate import add_common_args, check_common_args, float_range, int_range, list_of, load, run_main
 from latency import select_plan
 from plan import Plan, expected_tokens
@@ -216,14 +217,14 @@ def run(args, model, train_windows, held_windows) -> dict:
     first, train_s = step, 0.0  # seconds in train_step this run, evaluations left out
     fields = lambda **more: {"step": step, "optimizer": opt.state_dict(), "train_args": dict(vars(args)),
                              "history": history, **more}
-    data = batches(train_windows, args.batch_size, args.seed, start_step=step)
+    data = shard(batches(train_windows, args.batch_size, args.seed, start_step=step))  # torchrun: rows of it
     bar = tqdm(total=args.steps, initial=step, unit="step", desc=f"training {args.drafter}")
     try:
         while step < args.steps:
             ids, assistant = next(data)
             t0 = time.perf_counter()
             ids, assistant = ids.to(model.output.weight.device), assistant.to(model.output.weight.device)
-            loss = train_step(model, drafter, opt, ids, assistant, args, step)
+            loss = train_step(model, ddp(drafter), opt, ids, assistant, args, step)  # ddp: distributed.py
             dt, step = time.perf_counter() - t0, step + 1
             train_s += dt
             history.append(loss)
@@ -317,14 +318,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_common_args(args)
+    check_common_args(setup(args))  # setup: under torchrun, join the other processes (distributed.py)
     model, tok = load(args)
     try:
         train_windows, held_windows = load_windows(args, model, tok)
         if len(train_windows) < args.batch_size:
             raise ValueError(f"--batch-size {args.batch_size} is more than the {len(train_windows)} "
                              "training windows; read more --conversations")
-        return run(args, model, train_windows, held_windows)
+        return (run if is_main() else follow)(args, model, train_windows, held_windows)  # torchrun: rank 0 runs
     except (OSError, ValueError) as e:  # a bad data file, a bad checkpoint to --resume, --transfer-layer
         sys.exit(f"error: {e}")
 
