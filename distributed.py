@@ -5,7 +5,7 @@
 Each rank (one process per GPU; nccl on GPUs, gloo on the CPU) holds the frozen model and a copy
 of the drafter, trains on its own shard of every global batch (--batch-size rows split over the
 ranks), and DDP averages the drafter's gradients. Rank 0 evaluates, saves and prints; the other
-ranks only train. One process without torchrun: nothing here does anything. Read train.py first.
+ranks only train (train.run asks is_main()). One process without torchrun: nothing here does anything. Read train.py first.
 """
 
 import atexit
@@ -41,9 +41,8 @@ def setup(args):
         torch.cuda.set_device(local)
         args.device = f"cuda:{local}"
     dist.init_process_group("nccl" if cuda else "gloo")
-    if dist.get_rank() == 0:  # the others leave the group at the end of follow()
-        atexit.register(dist.destroy_process_group)
-    else:
+    atexit.register(dist.destroy_process_group)  # every rank leaves the group when it is done
+    if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")   # rank 0 speaks for all; errors still reach stderr
         os.environ["TQDM_DISABLE"] = "1"
         # every rank tokenises the same windows; its own cache folder, so no two write one file
@@ -76,19 +75,3 @@ def ddp(drafter):
         _wrapped[id(drafter)] = (drafter, twin)    # keeps drafter alive, so the id stays its own
     return _wrapped[id(drafter)][1]
 
-
-def follow(args, model, train_windows, held_windows):
-    """What the ranks after 0 run instead of train.run: the same optimizer steps on their shards
-    (every rank must take part in every gradient average), and no evaluation, saving or output.
-    A Ctrl-C needs no care here: train.run saves on rank 0 and torchrun stops every rank."""
-    from data import batches
-    from train import make_drafter, restore, train_step
-    model.requires_grad_(False)
-    drafter = make_drafter(args, model)
-    opt = torch.optim.AdamW(drafter.parameters(), lr=args.lr, weight_decay=0.0)
-    step, _ = restore(args, model, drafter, opt) if args.resume else (0, [])
-    data = shard(batches(train_windows, args.batch_size, args.seed, start_step=step))
-    for step in range(step, args.steps):
-        ids, assistant = (x.to(model.output.weight.device) for x in next(data))
-        train_step(model, ddp(drafter), opt, ids, assistant, args, step)
-    dist.destroy_process_group()

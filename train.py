@@ -26,7 +26,7 @@ from tqdm import tqdm
 from checkpoint import (DRAFTERS, build_drafter, default_checkpoint, model_identity, open_checkpoint,
                         save_atomic, save_checkpoint)
 from data import batches, encode_conversations, read_sharegpt, sharegpt_path, split_holdout
-from distributed import ddp, follow, is_main, setup, shard
+from distributed import ddp, is_main, setup, shard
 from generate import add_common_args, check_common_args, float_range, int_range, list_of, load, run_main
 from latency import select_plan
 from plan import Plan, expected_tokens
@@ -230,16 +230,19 @@ def run(args, model, train_windows, held_windows) -> dict:
             history.append(loss)
             bar.update()
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{ids.numel() / dt:.0f}")
-            if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            if args.eval_every and step % args.eval_every == 0 and step < args.steps and is_main():
                 metrics = evaluate(model, drafter, held_windows, args)
                 bar.write(f"step {step}: {format_metrics(metrics)}")
                 save_checkpoint(out_path, drafter, model, fields(eval=metrics))
     except KeyboardInterrupt:
         bar.close()
-        save_checkpoint(out_path, drafter, model, fields())
+        if is_main():  # torchrun: rank 0 alone saves
+            save_checkpoint(out_path, drafter, model, fields())
         print(f"\ninterrupted after step {step}: saved {out_path}; to continue, add --resume")
         raise  # saved: now stop the caller too (the command line exits 130, so `&&` chains stop)
     bar.close()
+    if not is_main():  # torchrun: the other ranks only trained; rank 0 evaluates and saves
+        return fields()
     save_checkpoint(out_path, drafter, model, fields())  # trained: an interrupt from here on loses nothing
 
     metrics = evaluate(model, drafter, held_windows, args, args.top_r)
@@ -325,7 +328,7 @@ def main(argv=None):
         if len(train_windows) < args.batch_size:
             raise ValueError(f"--batch-size {args.batch_size} is more than the {len(train_windows)} "
                              "training windows; read more --conversations")
-        return (run if is_main() else follow)(args, model, train_windows, held_windows)  # torchrun: rank 0 runs
+        return run(args, model, train_windows, held_windows)
     except (OSError, ValueError) as e:  # a bad data file, a bad checkpoint to --resume, --transfer-layer
         sys.exit(f"error: {e}")
 

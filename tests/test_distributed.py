@@ -36,7 +36,7 @@ def rank_main(rank, port, out):
     torch.set_num_threads(1)
     model, windows, args = setting(out)
     train.setup(args)
-    (train.run if train.is_main() else train.follow)(args, model, windows, windows[:2])
+    train.run(args, model, windows, windows[:2])
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
