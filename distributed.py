@@ -5,7 +5,8 @@
 Each rank (one process per GPU; nccl on GPUs, gloo on the CPU) holds the frozen model and a copy
 of the drafter, trains on its own shard of every global batch (--batch-size rows split over the
 ranks), and DDP averages the drafter's gradients. Rank 0 evaluates, saves and prints; the other
-ranks only train (train.run asks is_main()). One process without torchrun: nothing here does anything. Read train.py first.
+ranks only train (train.run asks is_main()). One process without torchrun: nothing here does
+anything. Read train.py first.
 """
 
 import atexit
@@ -74,4 +75,3 @@ def ddp(drafter):
         object.__setattr__(twin, "forward", wrapper)
         _wrapped[id(drafter)] = (drafter, twin)    # keeps drafter alive, so the id stays its own
     return _wrapped[id(drafter)][1]
-
