@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from model import KVCache, Transformer, tune
+from plan import Plan
 
 BUCKET = 256  # cache lengths are rounded up to a multiple: one compiled graph per bucket, not per prompt
 
@@ -65,9 +66,11 @@ class Compiled:
     @torch.no_grad()
     def warm_up(self, length: int, plan=None):
         """Compile (on a GPU also capture) before anything is timed: the plain step for a cache of
-        `length` slots and, given a plan.Plan, the tree step of every cut of it for `length` + the
+        `length` slots and, given a plan.Plan (or a Tree), the tree step of every cut of it for `length` + the
         tree's size, the caches generate and generate_tree ask for (once per bucket and plan: bench.py
         calls it before every generation). What it writes to the cache is overwritten by the prefill."""
+        if plan is not None and not isinstance(plan, Plan):  # a bare Tree, as generate_tree takes it
+            plan = Plan.full(plan, self.drafter.k)
         key = (self.cache(length).max_len, plan and self.cache(length + plan.tree.size).max_len, plan)
         if key in self._warm:
             return

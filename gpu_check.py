@@ -26,6 +26,7 @@ from model import ModelArgs, Transformer
 from plan import Plan
 from transfer import HiddenTransfer
 from tree import build_tree
+from weights import default_model_path, load_model
 
 LLAMA2_7B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, vocab_size=32000,
                  rope_theta=10000.0, tie_embeddings=False, max_seq_len=4096)
@@ -152,7 +153,6 @@ def main(argv=None):
     say = lambda *a: print(*a, flush=True)
     say(f"gpu_check: {results['env']}")
     try:
-        from weights import default_model_path
         model_path = args.model or default_model_path()
     except Exception as e:  # the real model did not travel: its sections are skipped
         model_path, results["no_model"] = None, str(e)
@@ -175,7 +175,6 @@ def main(argv=None):
     models = {} if args.full and dev.type == "cpu" else {"llama-2-7b-shaped (random)": lambda: random_model(
         ModelArgs.tiny() if dry else ModelArgs(**LLAMA2_7B), dev, dtype)}
     if model_path and not dry:  # the dry run times tiny models only: it must run in CI
-        from weights import load_model
         models["SmolLM2-135M"] = lambda: load_model(model_path, dev, dtype).requires_grad_(False)
     for name, build in models.items():
         if not {"latency", "plain"} - skip:
