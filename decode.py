@@ -17,8 +17,8 @@ import time
 import torch
 
 from checkpoint import DRAFTERS, load_drafter, open_checkpoint
-from generate import (Generation, Sampler, add_common_args, check_common_args, describe_machine,
-                      encode_prompt, fit_context, generate, load, run_main, sync)
+from generate import (Generation, Sampler, add_common_args, check_common_args, compiled_for,
+                      describe_machine, encode_prompt, fit_context, generate, load, run_main, sync)
 from model import KVCache
 from plan import Plan
 from tree import Tree
@@ -49,13 +49,14 @@ def accept(children, node_tokens, choose, budget: int, stop_ids=()):
 
 @torch.no_grad()
 def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_tokens: int, sampler: Sampler,
-                  stop_ids=(), on_token=None, on_step=None) -> Generation:
+                  stop_ids=(), on_token=None, on_step=None, compiled=None) -> Generation:
     """Generate with a drafter and a decoding plan. Same output as generate.generate, fewer passes.
 
     plan: a plan.Plan (a tree, which nodes carry pseudo tokens and how many), or a bare Tree, which
     gets plan.Plan.full: every node carries as many pseudo tokens as the tree is deep.
     on_step(cache, n), if given, is called after every step with the cache and the number of
     accepted tokens it holds (the tests check the cache against a fresh prefill there).
+    compiled: a compiled.Compiled of this model and drafter: the steps run compiled (the same tokens).
     """
     plan = plan if isinstance(plan, Plan) else Plan.full(plan, drafter.k)
     if max(plan.tree.depth, plan.depth) > drafter.k:
@@ -71,8 +72,9 @@ def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_token
             runs[avail] = run, run.tree.to(dev), torch.tensor(run.nodes, device=dev)
         return runs[avail]
 
-    n = len(prompt)
-    cache = KVCache(model.args, 1, n + max_new_tokens + plan.tree.size, dev, model.output.weight.dtype)
+    n, need = len(prompt), len(prompt) + max_new_tokens + plan.tree.size
+    cache = compiled.cache(need) if compiled else KVCache(model.args, 1, need, dev, model.output.weight.dtype)
+    step = compiled.tree_pass if compiled else drafter.tree_pass  # the prefill below stays eager
     out = Generation()
     t0 = time.perf_counter()
 
@@ -98,8 +100,8 @@ def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_token
         top = drafts[:tree.depth].topk(tree.top_r, dim=-1).indices    # (depth, top_r)
         tokens = tree.tokens(root, top)                                # (N,)
         # 2. One pass verifies every node and drafts from the pseudo tokens of the plan's nodes.
-        hidden, states = drafter.tree_pass(model, tokens[None], tree.positions(n), tree.mask, n, cache,
-                                           nodes=nodes, depth=run.depth)
+        hidden, states = step(model, tokens[None], tree.positions(n), tree.mask, n, cache,
+                              nodes=nodes, depth=run.depth)
         logits = model.head(hidden)                                    # (N, V)
         # 3. Accept.
         path, emitted = accept(tree.children, tokens.tolist(), lambda v: sampler(logits[v]),
@@ -166,14 +168,16 @@ def main(argv=None):
     prompt = encode_prompt(args, model, tok, plan.tree.size)
     stream = tok.stream()
     show = lambda ids: print(stream.push([i for i in ids if i not in tok.stop_ids]), end="", flush=True)
+    compiled = compiled_for(args, model, drafter, len(prompt) + args.max_new_tokens, plan)
     out = generate_tree(model, drafter, prompt, plan, args.max_new_tokens,
-                        Sampler(args.temperature, args.top_p, args.seed), tok.stop_ids, on_token=show)
+                        Sampler(args.temperature, args.top_p, args.seed), tok.stop_ids, on_token=show,
+                        compiled=compiled)
     print(f"\n\n{drafter.title}: {len(out.tokens)} tokens, tau {out.tau:.2f}, "
           f"{out.tokens_per_s:.1f} tokens/s, plan {plan.text()} "
           f"({describe_machine(args.device)}, {args.dtype})")
     if args.check:
         ref = generate(model, prompt, args.max_new_tokens, Sampler(args.temperature, args.top_p, args.seed),
-                       tok.stop_ids)
+                       tok.stop_ids, compiled=compiled)
         same = ref.tokens == out.tokens
         print(f"plain decoding:  {len(ref.tokens)} tokens, {ref.tokens_per_s:.1f} tokens/s; "
               f"speedup {out.tokens_per_s / ref.tokens_per_s:.2f}x; outputs identical: {same}")

@@ -44,7 +44,9 @@ class Drafter(nn.Module):
         """ONE forward pass that verifies N tree nodes and drafts from some of them.
 
         tokens (1, N): the nodes' token ids; pos (N,): their RoPE positions; tree_mask (N, N): the
-        ancestor mask; n: tokens already in `cache`. The nodes go to cache slots n..n+N-1.
+        ancestor mask; n: tokens already in `cache`. The nodes go to cache slots n..n+N-1. n may be a
+        0-d tensor (compiled.py): tree.after_cache and pseudo_mask then span the whole cache, so the
+        pass's shapes never depend on n; build masks with them and this holds for free.
         nodes: which nodes draft (default all, in order); depth: drafts per node (default k, at
         most k); pseudo (a, i) never sees (a, j > i), so a smaller depth changes no kept draft.
         Returns (hidden (N, dim): the nodes' last-layer states, which model.head turns into the

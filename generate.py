@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from compiled import Compiled
 from model import FORMS, KERNELS, KVCache, Transformer, causal_mask, tune
 from tokenizer import load_tokenizer
 from weights import default_model_path, load_model
@@ -115,12 +116,14 @@ def fit_context(model: Transformer, prompt: list, max_new_tokens: int, tree_size
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: list, max_new_tokens: int, sampler: Sampler,
-             stop_ids=(), on_token=None) -> Generation:
-    """One token per forward pass, until a stop token or max_new_tokens."""
+             stop_ids=(), on_token=None, compiled=None) -> Generation:
+    """One token per forward pass, until a stop token or max_new_tokens.
+    compiled: a compiled.Compiled of this model, to run the steps compiled (the same tokens)."""
     fit_context(model, prompt, max_new_tokens)  # a prompt that does not fit is the caller's to cut
     dev = model.output.weight.device
     n = len(prompt)
-    cache = KVCache(model.args, 1, n + max_new_tokens, dev, model.output.weight.dtype)
+    cache = (compiled.cache(n + max_new_tokens) if compiled else
+             KVCache(model.args, 1, n + max_new_tokens, dev, model.output.weight.dtype))
     out = Generation()
     t0 = time.perf_counter()
     ids = torch.tensor([prompt], device=dev)
@@ -141,8 +144,8 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, sampler: Sam
             break
         p = n + step  # the new token's position, and its cache slot
         at = torch.tensor([p], device=dev)
-        logits = model(torch.tensor([[y]], device=dev), at,
-                       torch.ones(1, 1, p + 1, dtype=torch.bool, device=dev), at, cache)[0, -1]
+        logits = (compiled or model)(torch.tensor([[y]], device=dev), at,
+                                     torch.ones(1, 1, p + 1, dtype=torch.bool, device=dev), at, cache)[0, -1]
     sync(dev)
     out.decode_s = time.perf_counter() - t1
     return out
@@ -213,6 +216,8 @@ def add_common_args(parser: argparse.ArgumentParser):
     parser.add_argument("--matmul", default="auto", choices=["auto", *FORMS],
                         help="CPU form of x @ W.T: the faster one per weight shape, timed at load (auto), "
                              "or one forced (model.LinearKernels)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the decoding steps under torch.compile (compiled.py; CUDA graphs on a GPU)")
 
 
 def check_common_args(args):
@@ -254,6 +259,16 @@ def load(args):
     return model, tok
 
 
+def compiled_for(args, model, drafter=None, length: int = 0, plan=None):
+    """With --compile: a compiled.Compiled of model (and drafter), warmed up (compiled) for a cache
+    of `length` slots and the plan's tree steps, before any clock starts. Without: None (eager)."""
+    if not getattr(args, "compile", False):
+        return None
+    compiled = Compiled(model, drafter)
+    compiled.warm_up(length, plan)
+    return compiled
+
+
 def encode_prompt(args, model, tok, tree_size: int = 0) -> list:
     """--prompt, chat-formatted and checked by fit_context: a prompt that does not fit in the
     model's context is one line and exit 1, or with --truncate left loses its first tokens."""
@@ -285,8 +300,10 @@ def main(argv=None):
     model, tok = load(args)
     prompt = encode_prompt(args, model, tok)
     stream = tok.stream()
+    compiled = compiled_for(args, model, length=len(prompt) + args.max_new_tokens)
     out = generate(model, prompt, args.max_new_tokens, Sampler(args.temperature, args.top_p, args.seed),
-                   tok.stop_ids, on_token=lambda ids: print(stream.push(ids), end="", flush=True))
+                   tok.stop_ids, on_token=lambda ids: print(stream.push(ids), end="", flush=True),
+                   compiled=compiled)
     print(f"\n\n{len(out.tokens)} tokens, {out.tokens_per_s:.1f} tokens/s "
           f"({describe_machine(args.device)}, {args.dtype})")
     return out

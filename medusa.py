@@ -44,8 +44,8 @@ class Medusa(Drafter):
         N, depth = tokens.shape[1], depth or self.k
         if not 1 <= depth <= self.k:
             raise ValueError(f"depth {depth} must be from 1 to k={self.k}")
-        slots = torch.arange(n, n + N, device=tokens.device)
-        mask = after_cache(tree_mask, n)                              # (1, N, n + N)
+        slots = n + torch.arange(N, device=tokens.device)             # n: an int, or a 0-d tensor
+        mask = after_cache(tree_mask, n, cache)                       # (1, N, n + N)
         h = model.run_layers(model.embed(tokens), pos, mask, slots, cache)[0]  # (N, dim)
         nodes = torch.arange(N, device=tokens.device) if nodes is None else nodes
         return h, self(model.norm(h[nodes]), depth)                   # (N, dim), (M, depth, dim)

@@ -150,7 +150,8 @@ KERNELS = LinearKernels()  # the one every product consults; tests swap in their
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T, the product behind every nn.Linear here (weights stay nn.Linear parameters):
     F.linear on a GPU; on the CPU the form KERNELS measured fastest for this shape and row count."""
-    if x.device.type != "cpu":
+    # Inside a compiled region (compiled.py) the compiler picks the kernel: no lookup, no timing.
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         return F.linear(x, weight)
     rows = x.reshape(-1, x.shape[-1])                     # (M, in)
     y = FORMS[KERNELS.form(weight, rows.shape[0])](rows, weight)  # (M, out), row-major
@@ -314,10 +315,11 @@ class Transformer(nn.Module):
         stop = self.args.n_layers if stop is None else stop
         if cache is not None and slots is None:
             raise ValueError("a cached call needs the cache slots of its tokens")
-        if cache is not None and slots.numel() and int(slots.max()) >= cache.max_len:
+        checking = not torch.compiler.is_compiling()  # data-dependent checks would break a compiled graph
+        if checking and cache is not None and slots.numel() and int(slots.max()) >= cache.max_len:
             raise ValueError(f"cache slot {int(slots.max())} is beyond the cache ({cache.max_len} "
                              "slots): raise max_seq_len or shorten the prompt")
-        if not bool(mask.any(-1).all()):  # a row with no key would give NaN (softmax over nothing)
+        if checking and not bool(mask.any(-1).all()):  # a row with no key would give NaN (softmax over nothing)
             raise ValueError("attention mask has a row with nothing to attend to")
         freqs = pos.to(self.inv_freq.dtype).unsqueeze(-1) * self.inv_freq  # (.., T, hd/2)
         emb = torch.cat([freqs, freqs], dim=-1)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from checkpoint import (DRAFTERS, build_drafter, default_checkpoint, model_identity, open_checkpoint,
                         save_atomic, save_checkpoint)
 from data import batches, encode_conversations, read_sharegpt, sharegpt_path, split_holdout
+from distributed import ddp, is_main, setup, shard
 from generate import add_common_args, check_common_args, float_range, int_range, list_of, load, run_main
 from latency import select_plan
 from plan import Plan, expected_tokens
@@ -216,29 +217,32 @@ def run(args, model, train_windows, held_windows) -> dict:
     first, train_s = step, 0.0  # seconds in train_step this run, evaluations left out
     fields = lambda **more: {"step": step, "optimizer": opt.state_dict(), "train_args": dict(vars(args)),
                              "history": history, **more}
-    data = batches(train_windows, args.batch_size, args.seed, start_step=step)
+    data = shard(batches(train_windows, args.batch_size, args.seed, start_step=step))  # torchrun: rows of it
     bar = tqdm(total=args.steps, initial=step, unit="step", desc=f"training {args.drafter}")
     try:
         while step < args.steps:
             ids, assistant = next(data)
             t0 = time.perf_counter()
             ids, assistant = ids.to(model.output.weight.device), assistant.to(model.output.weight.device)
-            loss = train_step(model, drafter, opt, ids, assistant, args, step)
+            loss = train_step(model, ddp(drafter), opt, ids, assistant, args, step)  # ddp: distributed.py
             dt, step = time.perf_counter() - t0, step + 1
             train_s += dt
             history.append(loss)
             bar.update()
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{ids.numel() / dt:.0f}")
-            if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            if args.eval_every and step % args.eval_every == 0 and step < args.steps and is_main():
                 metrics = evaluate(model, drafter, held_windows, args)
                 bar.write(f"step {step}: {format_metrics(metrics)}")
                 save_checkpoint(out_path, drafter, model, fields(eval=metrics))
     except KeyboardInterrupt:
         bar.close()
-        save_checkpoint(out_path, drafter, model, fields())
+        if is_main():  # torchrun: rank 0 alone saves
+            save_checkpoint(out_path, drafter, model, fields())
         print(f"\ninterrupted after step {step}: saved {out_path}; to continue, add --resume")
         raise  # saved: now stop the caller too (the command line exits 130, so `&&` chains stop)
     bar.close()
+    if not is_main():  # torchrun: the other ranks only trained; rank 0 evaluates and saves
+        return fields()
     save_checkpoint(out_path, drafter, model, fields())  # trained: an interrupt from here on loses nothing
 
     metrics = evaluate(model, drafter, held_windows, args, args.top_r)
@@ -317,7 +321,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_common_args(args)
+    check_common_args(setup(args))  # setup: under torchrun, join the other processes (distributed.py)
     model, tok = load(args)
     try:
         train_windows, held_windows = load_windows(args, model, tok)

@@ -63,15 +63,15 @@ class HiddenTransfer(Drafter):
         N, t, depth = tokens.shape[1], self.layer, depth or self.k
         if not 1 <= depth <= self.k:
             raise ValueError(f"depth {depth} must be from 1 to k={self.k}")
-        slots = torch.arange(n, n + N, device=tokens.device)
-        h = model.run_layers(model.embed(tokens), pos, after_cache(tree_mask, n), slots, cache, 0, t)
+        slots = n + torch.arange(N, device=tokens.device)               # n: an int, or a 0-d tensor
+        h = model.run_layers(model.embed(tokens), pos, after_cache(tree_mask, n, cache), slots, cache, 0, t)
 
         nodes = torch.arange(N) if nodes is None else torch.as_tensor(nodes)
         nodes = nodes.to(tokens.device)
         pseudo = self(h[:, nodes], depth).flatten(1, 2)                  # (1, M*depth, dim)
         h = torch.cat([h, pseudo], dim=1)                                # (1, N + M*depth, dim)
         all_pos = torch.cat([pos, pseudo_positions(pos[nodes], depth)])
-        mask = pseudo_mask(tree_mask, n, depth, nodes)                   # (1, N + P, n + N + P)
+        mask = pseudo_mask(tree_mask, n, depth, nodes, cache)            # (1, N + P, n + N + P)
         h = model.run_layers(h, all_pos, mask, slots, cache, t, model.args.n_layers)
         return h[0, :N], h[0, N:].unflatten(0, (len(nodes), depth))     # (N, dim), (M, depth, dim)
 

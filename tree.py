@@ -165,10 +165,24 @@ def chain(k: int) -> Tree:
     return Tree([(0,) * j for j in range(1, k + 1)], k=k)
 
 
-def after_cache(mask: torch.Tensor, n: int) -> torch.Tensor:
-    """(R, C) mask over this pass's tokens -> (1, R, n + C): first n cache columns every row sees."""
-    cache = torch.ones(mask.shape[0], n, dtype=torch.bool, device=mask.device)
-    return torch.cat([cache, mask], dim=1).unsqueeze(0)
+def after_cache(mask: torch.Tensor, n, cache=None, cached: int | None = None) -> torch.Tensor:
+    """(R, C) mask over this pass's tokens -> (1, R, n + C): first n cache columns every row sees.
+
+    n a 0-d tensor (compiled.py: static shapes): the mask spans the WHOLE `cache` instead, L =
+    cache.max_len columns, whatever n is, so a compiled pass never changes shape. Its first `cached`
+    columns (all C by default) are tokens going to cache slots n.., the rest ephemeral:
+
+        keys ->   0 .. n-1 | n .. n+N-1     | n+N .. L-1 | ephemeral         (N = cached)
+        row r     1 ... 1  | mask[r, :N]    |  . ... .   | mask[r, N:]       -> (1, R, L + C - N)
+    """
+    if not torch.is_tensor(n):
+        ones = torch.ones(mask.shape[0], n, dtype=torch.bool, device=mask.device)
+        return torch.cat([ones, mask], dim=1).unsqueeze(0)
+    N = mask.shape[1] if cached is None else cached
+    rel = torch.arange(cache.max_len, device=mask.device) - n            # (L,) column - n
+    inside = (rel >= 0) & (rel < N)                                        # this pass's cached tokens
+    cols = (mask[:, rel.clamp(0, N - 1)] & inside) | (rel < 0)             # (R, L)
+    return torch.cat([cols, mask[:, N:]], dim=1).unsqueeze(0)             # (1, R, L + C - N)
 
 
 def pseudo_rows(sees: torch.Tensor, k: int) -> torch.Tensor:
@@ -199,7 +213,7 @@ def pseudo_positions(owner_positions: torch.Tensor, k: int) -> torch.Tensor:
     return (owner_positions[..., None] + offsets).flatten(-2)  # (..., M, k) -> (..., M*k)
 
 
-def pseudo_mask(tree_mask: torch.Tensor, n: int, k: int, nodes=None) -> torch.Tensor:
+def pseudo_mask(tree_mask: torch.Tensor, n, k: int, nodes=None, cache=None) -> torch.Tensor:
     """Mask of layers t+1..L: (1, N + M*k, n + N + M*k) bool, M = len(nodes) (all N by default).
 
     Rows and columns: [cache (n) | tree nodes (N) | pseudo tokens, node-major: (a,1)..(a,k), (b,1)..].
@@ -215,13 +229,14 @@ def pseudo_mask(tree_mask: torch.Tensor, n: int, k: int, nodes=None) -> torch.Te
         (a,2)    1...1 | 1  1 |   .     .     1     1      and its own pseudo (a,j<=i)
     `nodes` (tree indices, in the order their pseudo tokens are appended) gives pseudo tokens to
     only some nodes; k may be less than the drafter's k (fewer drafts per node, see drafter.py).
+    n a 0-d tensor: the cache columns span the whole `cache` (after_cache, compiled.py).
     """
     N, dev = tree_mask.shape[0], tree_mask.device
     nodes = torch.arange(N, device=dev) if nodes is None else torch.as_tensor(nodes, device=dev)
     # tree_mask[a] already includes a itself (the diagonal), so a row of it is "ancestors of a + a"
     pseudo = pseudo_rows(tree_mask[nodes], k)                                         # (P, N + P)
     real = torch.cat([tree_mask, torch.zeros(N, pseudo.shape[0], dtype=torch.bool, device=dev)], 1)
-    return after_cache(torch.cat([real, pseudo], 0), n)  # (1, N+P, n+N+P)
+    return after_cache(torch.cat([real, pseudo], 0), n, cache, N)  # (1, N+P, n+N+P)
 
 
 def _rates(accept) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""Shared test setup: one CPU thread, the real default model loaded once per session, and the
+"""Shared test setup: one CPU thread, the `device` fixture (cpu always, cuda when a GPU is present:
+the losslessness, cache, mask and parity tests take it, so they are the specification on every
+device), the real default model loaded once per session, and the
 helpers several test files use (`from conftest import tiny`): tiny(), the small random model most
 tests run on, fake_windows(), made-up training windows, FakeTokenizer, a made-up chat format, and
 the drafters and hooks of the decoding tests (random_transfer, Oracle, check_cache)."""
@@ -15,6 +17,14 @@ from transfer import HiddenTransfer
 # machine's thread contention can slow a hundredfold). Timings live in bench.py, never here.
 torch.set_num_threads(1)
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=needs_cuda)])
+def device(request):
+    """"cpu", then "cuda" when a GPU is present (skipped, not failed, without one)."""
+    return request.param
+
 
 @pytest.fixture(scope="session")
 def smollm():
@@ -29,10 +39,11 @@ def smollm():
     return model, load_tokenizer(path)
 
 
-def tiny(seed: int = 0, **overrides) -> Transformer:
-    """A tiny random LLaMA (ModelArgs.tiny, with overrides) in eval mode. std 0.15 rather than 0.02
-    makes its next-token choices depend on the context, so decoding tests are not trivially passed."""
-    return Transformer(ModelArgs.tiny(**overrides)).init_random(seed, std=0.15).eval()
+def tiny(seed: int = 0, device="cpu", **overrides) -> Transformer:
+    """A tiny random LLaMA (ModelArgs.tiny, with overrides) in eval mode on `device`. std 0.15 rather
+    than 0.02 makes its next-token choices depend on the context, so decoding tests are not trivially
+    passed. The weights are drawn on the CPU: the same model on every device."""
+    return Transformer(ModelArgs.tiny(**overrides)).init_random(seed, std=0.15).eval().to(device)
 
 
 def fake_windows(n, seed=0, vocab=96, T=24):
@@ -72,7 +83,7 @@ def random_transfer(model, layer, k=3, seed=0):
     with torch.no_grad():
         ht.proj.weight.add_(0.3 * torch.randn(ht.proj.weight.shape, generator=g))
         ht.proj.bias.normal_(0, 0.1, generator=g)
-    return ht
+    return ht.to(model.output.weight.device)
 
 
 class Oracle(HiddenTransfer):
@@ -85,12 +96,13 @@ class Oracle(HiddenTransfer):
 
     def tree_pass(self, model, tokens, pos, tree_mask, n, cache, nodes=None, depth=None):
         hidden, _ = super().tree_pass(model, tokens, pos, tree_mask, n, cache, nodes, depth)
-        nodes, depth = torch.arange(tokens.shape[1]) if nodes is None else nodes, depth or self.k
+        dev = tokens.device
+        nodes, depth = torch.arange(tokens.shape[1], device=dev) if nodes is None else nodes, depth or self.k
         # the "state" of pseudo (a, i) is the position it predicts: pos(a) + i + 1, (M, depth)
-        return hidden, pos[nodes][:, None] + torch.arange(2, depth + 2)
+        return hidden, pos[nodes][:, None] + torch.arange(2, depth + 2, device=dev)
 
     def draft_logits(self, model, targets):
-        logits = torch.randn(len(targets), self.V)
+        logits = torch.randn(len(targets), self.V)  # drawn on the CPU: the same drafts on every device
         for i, target in enumerate(targets.tolist()):
             if target < len(self.ref):
                 u, top = self.rng.random(), logits[i].topk(3).indices
@@ -101,15 +113,15 @@ class Oracle(HiddenTransfer):
                     logits[i, top[0] if top[0] != self.ref[target] else top[1]] = 100.0
                 else:
                     logits[i, self.ref[target]] = -100.0
-        return logits
+        return logits.to(targets.device)
 
 
 def check_cache(model, prompt, emitted):
     """on_step hook: the cache's accepted prefix equals a fresh prefill of what was emitted."""
     def hook(cache, n):
-        seq = (prompt + emitted)[:n]
-        fresh = KVCache(model.args, 1, n)
-        model(torch.tensor([seq]), torch.arange(n), causal_mask(n), torch.arange(n), fresh)
+        seq, dev = (prompt + emitted)[:n], model.output.weight.device
+        fresh, at = KVCache(model.args, 1, n, dev), torch.arange(n, device=dev)
+        model(torch.tensor([seq], device=dev), at, causal_mask(n, device=dev), at, fresh)
         torch.testing.assert_close(cache.k[:, :, :, :n], fresh.k, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cache.v[:, :, :, :n], fresh.v, rtol=1e-5, atol=1e-5)
     return hook

@@ -14,6 +14,7 @@ from conftest import FakeTokenizer, tiny
 from generate import Generation
 from latency import latency_curve, latency_report, pass_latency, step_latency
 from medusa import Medusa
+from model import ModelArgs, Transformer
 from transfer import HiddenTransfer
 from tree import Tree, chain
 
@@ -109,6 +110,7 @@ def test_a_wrong_drafter_is_caught_as_a_mismatch():
     results = bench.run_bench(model, FakeTokenizer(), {"plain": None, "transfer": (Broken(64, 3, 2), chain(3))},
                               PROMPTS[1:], 16)
     assert results["summary"]["transfer"]["mismatches"] == 2
+    assert all(x["class"] == "divergence" for x in results["mismatches"])
     assert "MISMATCH: transfer on prompt 0 (math, turn 1)" in bench.report(results)
 
 
@@ -227,3 +229,31 @@ def test_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(argv + ["--untrained"])
     assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+class TiedTop(Transformer):
+    """Tokens 3 and 7 always tie for the top logit: argmax says 3, any rounding could say 7."""
+
+    def head(self, h):
+        logits = super().head(h)
+        logits[..., [3, 7]] = 100.0
+        return logits
+
+
+@pytest.mark.parametrize("model, expected", [(TiedTop(ModelArgs.tiny()).eval(), "near-tie"),
+                                             (tiny(), "divergence")], ids=["tie", "divergence"])
+def test_mismatches_are_classified_by_plain_decodings_top2_gap(monkeypatch, model, expected):
+    real_one = bench._one
+
+    def forced(model, method, prompt, *args):  # "transfer" is plain decoding with its 3rd token changed
+        out = real_one(model, None, prompt, *args)
+        if method is not None:
+            out.tokens[2] = 7 if out.tokens[2] == 3 else (out.tokens[2] + 1) % 90
+        return out
+    monkeypatch.setattr(bench, "_one", forced)
+    results = bench.run_bench(model, FakeTokenizer(), {"plain": None, "transfer": (HiddenTransfer(64, 3, 2), chain(3))},
+                              PROMPTS[1:2], 8)
+    [x] = results["mismatches"]
+    assert x["position"] == 2 and x["class"] == expected and x["threshold"] == 2e-4
+    assert (x["gap"] == 0.0) if expected == "near-tie" else x["gap"] > 2e-4
+    assert f"{expected}, plain decoding's top-2 logit gap" in bench.report(results)

@@ -27,9 +27,9 @@ TREES = {
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("tree_name", list(TREES))
-def test_greedy_equals_plain_with_random_projection(seed, tree_name):
+def test_greedy_equals_plain_with_random_projection(seed, tree_name, device):
     kv = [None, 2, 1][seed]  # plain multi-head, grouped-query, multi-query
-    model = tiny(seed, n_kv_heads=kv, tie_embeddings=seed != 1, n_layers=3 + seed)
+    model = tiny(seed, device, n_kv_heads=kv, tie_embeddings=seed != 1, n_layers=3 + seed)
     prompt = torch.randint(0, model.args.vocab_size, (7,), generator=torch.Generator().manual_seed(seed)).tolist()
     ref = generate(model, prompt, 30, Sampler())
     for layer in range(1, model.args.n_layers):
@@ -40,8 +40,8 @@ def test_greedy_equals_plain_with_random_projection(seed, tree_name):
 
 @pytest.mark.parametrize("tree_name", ["chain-3", "wide", "deep"])
 @pytest.mark.parametrize("max_new", [1, 2, 13, 29])
-def test_oracle_drafts_greedy_lossless_and_cache_exact(tree_name, max_new):
-    model = tiny(3)
+def test_oracle_drafts_greedy_lossless_and_cache_exact(tree_name, max_new, device):
+    model = tiny(3, device)
     prompt = [4, 8, 15, 16, 23, 42]
     ref = generate(model, prompt, max_new, Sampler())
     oracle = Oracle(model, prompt + ref.tokens)
@@ -55,8 +55,8 @@ def test_oracle_drafts_greedy_lossless_and_cache_exact(tree_name, max_new):
 
 
 @pytest.mark.parametrize("tree_name", ["chain-3", "deep"])
-def test_stops_at_eos_inside_a_step(tree_name):
-    model = tiny(4)
+def test_stops_at_eos_inside_a_step(tree_name, device):
+    model = tiny(4, device)
     prompt = [1, 2, 3]
     full = generate(model, prompt, 40, Sampler()).tokens
     for cut in [3, 7, 12]:  # declare the token at `cut` a stop token: generation must end right there
@@ -71,8 +71,8 @@ def test_stops_at_eos_inside_a_step(tree_name):
 
 @pytest.mark.parametrize("temperature,top_p", [(0.7, 0.9), (1.0, 1.0), (0.7, 1.0), (1.0, 0.9)])
 @pytest.mark.parametrize("tree_name", ["chain-3", "deep"])
-def test_seeded_sampling_emits_the_same_tokens(temperature, top_p, tree_name):
-    model = tiny(5, vocab_size=16)  # small vocab: drafts are often right, so acceptance is exercised
+def test_seeded_sampling_emits_the_same_tokens(temperature, top_p, tree_name, device):
+    model = tiny(5, device, vocab_size=16)  # small vocab: drafts are often right, so acceptance is exercised
     prompt = [3, 1, 4, 1, 5]
     accepted = 0
     for seed in range(4):
@@ -111,15 +111,16 @@ def test_sampling_distribution_matches_the_model():
     assert chi2 < dof + 6 * (2 * dof) ** 0.5, f"chi2 {chi2:.1f} with {dof} degrees of freedom"
 
 
-def test_real_tokens_never_see_pseudo_tokens():
-    model = tiny(7)
-    tree = TREES["deep"]
-    n, prompt = 5, torch.tensor([[9, 8, 7, 6, 5]])
-    tokens = torch.randint(0, model.args.vocab_size, (1, tree.size))
+def test_real_tokens_never_see_pseudo_tokens(device):
+    model = tiny(7, device)
+    tree = TREES["deep"].to(device)
+    n, prompt = 5, torch.tensor([[9, 8, 7, 6, 5]], device=device)
+    tokens = torch.randint(0, model.args.vocab_size, (1, tree.size)).to(device)
+    at = torch.arange(n, device=device)
     outs = []
     for seed in (0, 1):
-        cache = KVCache(model.args, 1, 32)
-        model(prompt, torch.arange(n), causal_mask(n), torch.arange(n), cache)
+        cache = KVCache(model.args, 1, 32, device)
+        model(prompt, at, causal_mask(n, device=device), at, cache)
         hidden, states = random_transfer(model, 2, seed=seed).tree_pass(
             model, tokens, tree.positions(n), tree.mask, n, cache)
         outs.append((model.head(hidden), states))
@@ -127,19 +128,22 @@ def test_real_tokens_never_see_pseudo_tokens():
     assert not torch.allclose(outs[0][1], outs[1][1]), "the pseudo tokens should depend on it"
 
 
-def test_tree_pass_real_logits_equal_plain_forward():
+def test_tree_pass_real_logits_equal_plain_forward(device):
     """Each tree node's logits equal a plain forward over its own root-to-node path."""
-    model = tiny(8)
-    tree, n = TREES["deep"], 4
+    model = tiny(8, device)
+    tree, n = TREES["deep"].to(device), 4
     ctx = [3, 5, 7, 9]
     tokens = torch.randint(0, model.args.vocab_size, (1, tree.size), generator=torch.Generator().manual_seed(0))
-    cache = KVCache(model.args, 1, 32)
-    model(torch.tensor([ctx]), torch.arange(n), causal_mask(n), torch.arange(n), cache)
+    tokens, at = tokens.to(device), torch.arange(n, device=device)
+    cache = KVCache(model.args, 1, 32, device)
+    model(torch.tensor([ctx], device=device), at, causal_mask(n, device=device), at, cache)
     hidden, _ = random_transfer(model, 1).tree_pass(model, tokens, tree.positions(n), tree.mask, n, cache)
     logits = model.head(hidden)
     for i in range(tree.size):
         seq = ctx + tokens[0, tree.path_to(i)].tolist()
-        full = model(torch.tensor([seq]), torch.arange(len(seq)), causal_mask(len(seq)))[0, -1]
+        T = len(seq)
+        full = model(torch.tensor([seq], device=device), torch.arange(T, device=device),
+                     causal_mask(T, device=device))[0, -1]
         torch.testing.assert_close(logits[i], full, rtol=0, atol=1e-5)
 
 
@@ -149,22 +153,22 @@ def random_medusa(model, seed=0):
     with torch.no_grad():
         m.proj.weight.normal_(0, 0.3, generator=g)
         m.proj.bias.normal_(0, 0.1, generator=g)
-    return m
+    return m.to(model.output.weight.device)
 
 
 @pytest.mark.parametrize("make", [random_transfer, random_medusa], ids=["transfer", "medusa"])
 @pytest.mark.parametrize("depth", [1, 2])
-def test_fewer_drafts_per_node_are_the_first_drafts(make, depth):
+def test_fewer_drafts_per_node_are_the_first_drafts(make, depth, device):
     """tree_pass(depth=d) builds only d drafts per node, and they are the first d of the full k:
     pseudo (a, i) never sees (a, j > i), so dropping them changes no kept draft."""
-    model = tiny(9)
+    model = tiny(9, device)
     drafter = make(model, seed=depth) if make is random_medusa else make(model, 2, seed=depth)
-    tree, n = TREES["deep"], 5
+    tree, n, at = TREES["deep"].to(device), 5, torch.arange(5, device=device)
     tokens = torch.randint(0, model.args.vocab_size, (1, tree.size), generator=torch.Generator().manual_seed(1))
-    outs = []
+    tokens, outs = tokens.to(device), []
     for d in (depth, None):
-        cache = KVCache(model.args, 1, 32)
-        model(torch.tensor([[9, 8, 7, 6, 5]]), torch.arange(n), causal_mask(n), torch.arange(n), cache)
+        cache = KVCache(model.args, 1, 32, device)
+        model(torch.tensor([[9, 8, 7, 6, 5]], device=device), at, causal_mask(n, device=device), at, cache)
         with torch.no_grad():
             hidden, states = drafter.tree_pass(model, tokens, tree.positions(n), tree.mask, n, cache,
                                                nodes=[0, 3, 5], depth=d)

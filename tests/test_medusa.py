@@ -47,18 +47,18 @@ def random_medusa(seed=0):
     return m
 
 
-def test_medusa_decoding_is_lossless():
-    model = tiny(1)
+def test_medusa_decoding_is_lossless(device):
+    model = tiny(1, device)
     prompt = torch.randint(96, (12,), generator=torch.Generator().manual_seed(3)).tolist()
     ref = generate(model, prompt, 40, Sampler())
     trees = [Tree([]), chain(3), Tree([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], k=3)]
-    for medusa in (Medusa(64, 3), random_medusa()):
+    for medusa in (Medusa(64, 3).to(device), random_medusa().to(device)):
         for tree in trees:
             out = generate_tree(model, medusa, prompt, tree, 40, Sampler())
             assert out.tokens == ref.tokens, tree
     # seeded sampling emits the same tokens too (one draw per emitted token)
     ref = generate(model, prompt, 40, Sampler(0.8, 0.95, seed=7))
-    out = generate_tree(model, random_medusa(), prompt, trees[2], 40, Sampler(0.8, 0.95, seed=7))
+    out = generate_tree(model, random_medusa().to(device), prompt, trees[2], 40, Sampler(0.8, 0.95, seed=7))
     assert out.tokens == ref.tokens
 
 

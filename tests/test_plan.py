@@ -129,10 +129,10 @@ PLANS = {  # (tree, nodes carrying pseudo tokens, how many): placements that for
 
 @pytest.mark.parametrize("name", list(PLANS))
 @pytest.mark.parametrize("max_new", [2, 17, 31])
-def test_plans_are_lossless_greedy_and_keep_the_cache_exact(name, max_new, monkeypatch):
+def test_plans_are_lossless_greedy_and_keep_the_cache_exact(name, max_new, monkeypatch, device):
     paths, nodes, depth = PLANS[name]
     plan = Plan(Tree.parse(paths, k=3), nodes, depth)
-    model, prompt = tiny(3), [4, 8, 15, 16, 23, 42]
+    model, prompt = tiny(3, device), [4, 8, 15, 16, 23, 42]
     ref = generate(model, prompt, max_new, Sampler())
     sources = []  # every (row, shift, available) a step's next drafts came from
     monkeypatch.setattr(Plan, "source", lambda self, path, f=Plan.source: sources.append(f(self, path)) or sources[-1])
@@ -149,20 +149,20 @@ def test_plans_are_lossless_greedy_and_keep_the_cache_exact(name, max_new, monke
 
 
 @pytest.mark.parametrize("name", list(PLANS))
-def test_plans_are_lossless_in_seeded_sampling(name):
+def test_plans_are_lossless_in_seeded_sampling(name, device):
     paths, nodes, depth = PLANS[name]
     plan = Plan(Tree.parse(paths, k=3), nodes, depth)
-    model, prompt = tiny(5, vocab_size=16), [3, 1, 4, 1, 5]
+    model, prompt = tiny(5, device, vocab_size=16), [3, 1, 4, 1, 5]
     for seed in range(3):
         ref = generate(model, prompt, 25, Sampler(0.8, 0.9, seed))
         out = generate_tree(model, random_transfer(model, 2, seed=seed), prompt, plan, 25, Sampler(0.8, 0.9, seed))
         assert out.tokens == ref.tokens, f"seed {seed}"
 
 
-def test_fewer_pseudo_tokens_draft_the_same_tokens():
+def test_fewer_pseudo_tokens_draft_the_same_tokens(device):
     """Pseudo tokens sized to the step: a plan whose nodes carry only the tree's depth drafts what
     all k would have drafted there (the same accepted counts, pass for pass)."""
-    model, prompt = tiny(6, vocab_size=24), [5, 9, 2, 7]
+    model, prompt = tiny(6, device, vocab_size=24), [5, 9, 2, 7]
     drafter, tree = random_transfer(model, 2, seed=1), Tree.parse("0;1;2", k=3)
     every = range(tree.size)
     full = generate_tree(model, drafter, prompt, Plan(tree, tuple(every), 3), 30, Sampler())

@@ -264,25 +264,26 @@ def test_build_tree_beats_chain_and_random_trees():
 
 # ----------------------------------------------------------------------------- with the model
 
-def test_masks_line_up_with_the_model():
+def test_masks_line_up_with_the_model(device):
     """Tree rows give the logits of a causal forward over their path, with or without pseudo tokens."""
     from model import KVCache, ModelArgs, Transformer, causal_mask
 
     args = ModelArgs.tiny()
-    model = Transformer(args).init_random(0).eval()
+    model = Transformer(args).init_random(0).eval().to(device)
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(args.vocab_size, (1, 5), generator=g)
-    t = Tree([(0,), (1,), (0, 0), (0, 1), (1, 0)])
-    nodes = torch.randint(args.vocab_size, (1, t.size), generator=g)  # (1, N) token ids
+    prompt = torch.randint(args.vocab_size, (1, 5), generator=g).to(device)
+    t = Tree([(0,), (1,), (0, 0), (0, 1), (1, 0)]).to(device)
+    nodes = torch.randint(args.vocab_size, (1, t.size), generator=g).to(device)  # (1, N) token ids
+    arange = lambda *ends: torch.arange(*ends, device=device)
     n, k, split = prompt.shape[1], 2, 2  # the transfer layer: run layers [0, 2), then [2, 4)
 
     with torch.no_grad():
-        cache = KVCache(args, max_len=32)
-        model(prompt, torch.arange(n), causal_mask(n), slots=torch.arange(n), cache=cache)
+        cache = KVCache(args, max_len=32, device=device)
+        model(prompt, arange(n), causal_mask(n, device=device), slots=arange(n), cache=cache)
         plain = model(nodes, t.positions(n), t.attention_mask(n), slots=t.slots(n), cache=cache)
 
-        cache = KVCache(args, max_len=32)
-        model(prompt, torch.arange(n), causal_mask(n), slots=torch.arange(n), cache=cache)
+        cache = KVCache(args, max_len=32, device=device)
+        model(prompt, arange(n), causal_mask(n, device=device), slots=arange(n), cache=cache)
         h = model.run_layers(model.embed(nodes), t.positions(n), t.attention_mask(n),
                              t.slots(n), cache, stop=split)                  # (1, N, dim)
         pseudo = h.repeat_interleave(k, 1)                                   # (1, N*k, dim)
@@ -294,7 +295,7 @@ def test_masks_line_up_with_the_model():
         for leaf in (i for i in range(t.size) if not t.children[i]):
             path = t.path_to(leaf)
             seq = torch.cat([prompt, nodes[:, path]], 1)
-            ref = model(seq, torch.arange(seq.shape[1]), causal_mask(seq.shape[1]))[:, n:]
+            ref = model(seq, arange(seq.shape[1]), causal_mask(seq.shape[1], device=device))[:, n:]
             torch.testing.assert_close(plain[:, path], ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(with_pseudo, plain, rtol=1e-5, atol=1e-5)
 

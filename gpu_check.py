@@ -1,0 +1,262 @@
+"""The prepared GPU check (run it through gpu_check.sh): what this project's numbers are on one
+GPU, written as markdown and JSON to a folder, in at most about 8 minutes on one H100.
+
+Sections: the environment; the CUDA tests; the pass cost per tree size against a one-token step
+(SmolLM2-135M, and a Llama-2-7B-shaped model with random weights), eager and compiled, bf16; plain
+decoding tokens/s, eager and compiled; a short `train.py --preset gpu` of both drafters (which also
+chooses their plans by timing passes here: latency.select_plan); `bench.py --device cuda --compile`.
+Whatever needs the real model or data is skipped, with a note, where they are absent. `--device
+cpu` is a dry run at tiny sizes (CI runs it). README, "On a GPU", says how to get the files there.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+from compiled import Compiled
+from generate import Sampler, generate
+from latency import CONTEXT, _median_time, latency_curve, made_up_accept
+from model import ModelArgs, Transformer
+from plan import Plan
+from transfer import HiddenTransfer
+from tree import build_tree
+from weights import default_model_path, load_model
+
+LLAMA2_7B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, vocab_size=32000,
+                 rope_theta=10000.0, tie_embeddings=False, max_seq_len=4096)
+SIZES, COMPILED_SIZES = (1, 2, 4, 8, 16, 32, 64), (8, 32)   # tree nodes timed eager / compiled
+K = 2  # drafts per node: train.py's default
+
+
+def environment(device) -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
+           "cuda": torch.version.cuda, "load_average": round(os.getloadavg()[0], 2)}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(gpu=p.name, memory_gib=round(p.total_memory / 2**30, 1),
+                   capability=f"{p.major}.{p.minor}", tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+    else:
+        env.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    return env
+
+
+def random_model(args: ModelArgs, device, dtype) -> Transformer:
+    """Random weights built on the device itself (a 7B model would take minutes on the CPU)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Transformer(args).eval()
+    finally:
+        torch.set_default_dtype(old)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02, generator=g)
+    return model.requires_grad_(False)
+
+
+@torch.no_grad()
+def compiled_curve(model, drafter, sizes, reps, backend, n_ctx=CONTEXT) -> dict:
+    """Like latency.latency_curve, through compiled.Compiled: a one-token step, then a pass per tree
+    size (the same trees, every node carrying pseudo tokens: plan.Plan.full)."""
+    dev = model.output.weight.device
+    c = Compiled(model, drafter, backend=backend)
+    cache = c.cache(n_ctx + max(sizes) + 1)
+    at, token = torch.tensor([n_ctx], device=dev), torch.ones(1, 1, dtype=torch.long, device=dev)
+    mask = torch.ones(1, 1, n_ctx + 1, dtype=torch.bool, device=dev)                 # (1, 1, n_ctx + 1)
+    t0 = time.perf_counter()
+    c.warm_up(cache.max_len)  # the same bucket as `cache`: compiles the step once
+    step = _median_time(lambda: c(token, at, mask, at, cache), dev, reps)
+    curve = {"n_ctx": n_ctx, "reps": reps, "step_ms": 1000 * step, "rows": []}
+    for n in sizes:
+        plan = Plan.full(build_tree(made_up_accept(drafter.k), n), drafter.k)
+        tree, nodes = plan.tree.to(dev), torch.tensor(plan.nodes, device=dev)
+        tokens = torch.ones(1, tree.size, dtype=torch.long, device=dev)
+        pos = tree.positions(n_ctx)
+
+        def one():
+            hidden, states = c.tree_pass(model, tokens, pos, tree.mask, n_ctx, cache, nodes, plan.depth)
+            model.head(hidden)
+            drafter.draft_logits(model, states[0])
+        one(), one(), one()  # compile and capture
+        ms = 1000 * _median_time(one, dev, reps)
+        curve["rows"].append({"nodes": n, "ms": ms, "ratio": ms / curve["step_ms"]})
+    curve["compile_s"] = time.perf_counter() - t0
+    return curve
+
+
+@torch.no_grad()
+def plain_speed(model, new_tokens, backend) -> dict:
+    """Plain decoding tokens/s from a 64-token prompt, eager and compiled (no stop token)."""
+    prompt, out = list(range(1, 65)), {}
+    c = Compiled(model, backend=backend)
+    c.warm_up(len(prompt) + new_tokens)
+    generate(model, prompt, 4, Sampler())  # eager warm-up
+    for name, compiled in (("eager", None), ("compiled", c)):
+        g = generate(model, prompt, new_tokens, Sampler(), compiled=compiled)
+        out[name] = {"tokens": len(g.tokens), "decode_tokens_per_s": (len(g.tokens) - 1) / g.decode_s}
+    out["same_tokens"] = generate(model, prompt, new_tokens, Sampler()).tokens == g.tokens
+    return out
+
+
+def run_script(cmd: list, log: str, timeout: int) -> dict:
+    """A subprocess (pytest, train.py, bench.py) with its output in a log file."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    with open(log) as f:
+        tail = f.read()[-1500:]
+    return {"command": " ".join(cmd), "rc": rc, "seconds": round(time.perf_counter() - t0, 1),
+            "log": os.path.basename(log), "tail": tail}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="folder for results.md, results.json and the logs")
+    p.add_argument("--device", default="cuda", help="cuda; cpu = a dry run at tiny sizes")
+    p.add_argument("--model", default=None, help="SmolLM2 GGUF (default: the installed one, if any)")
+    p.add_argument("--sharegpt", default=None, help="ShareGPT json for the short training run")
+    p.add_argument("--mtbench", default=None, help="MT-Bench question.jsonl for bench.py")
+    p.add_argument("--full", action="store_true",
+                   help="with --device cpu: real sizes (SmolLM2 only: a 7B model needs 27 GB in fp32), inductor")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: tests,latency,plain,train,bench")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: no CUDA GPU here: use --device cpu for a dry run")
+    dry, skip = dev.type == "cpu" and not args.full, set(filter(None, args.skip.split(",")))
+    os.makedirs(args.out, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    backend = "aot_eager" if dry else "inductor"   # the dry run checks the plumbing, not inductor
+    reps, new_tokens = (2, 8) if dry else (10, 128)
+    results = {"env": environment(dev), "dry_run": dry, "dtype": str(dtype), "sections": {}}
+    say = lambda *a: print(*a, flush=True)
+    say(f"gpu_check: {results['env']}")
+    try:
+        model_path = args.model or default_model_path()
+    except Exception as e:  # the real model did not travel: its sections are skipped
+        model_path, results["no_model"] = None, str(e)
+    py = sys.executable
+
+    def save():  # after every section: a check cut short still leaves what it measured
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(markdown(results))
+
+    if "tests" not in skip:  # the device-parametrized tests, on this device only
+        say("== CUDA tests")
+        results["sections"]["tests"] = run_script(
+            [py, "-m", "pytest", "-q", "-k", "cuda", "tests/test_decode.py", "tests/test_model.py",
+             "tests/test_tree.py", "tests/test_medusa.py", "tests/test_plan.py", "tests/test_compiled.py"],
+            os.path.join(args.out, "tests.log"), 240)
+        save()
+
+    models = {} if args.full and dev.type == "cpu" else {"llama-2-7b-shaped (random)": lambda: random_model(
+        ModelArgs.tiny() if dry else ModelArgs(**LLAMA2_7B), dev, dtype)}
+    if model_path and not dry:  # the dry run times tiny models only: it must run in CI
+        models["SmolLM2-135M"] = lambda: load_model(model_path, dev, dtype).requires_grad_(False)
+    for name, build in models.items():
+        if not {"latency", "plain"} - skip:
+            break
+        say(f"== {name}")
+        model = build()
+        w = model.output.weight
+        drafter = HiddenTransfer.for_model(model, K).to(w.device, w.dtype)
+        sec = results["sections"].setdefault(name, {})
+        if "latency" not in skip:
+            cpu = dev.type == "cpu"
+            sec["eager"] = latency_curve(model, drafter, sizes=(1, 2, 4) if dry else SIZES[:5 if cpu else 7],
+                                         reps=reps)
+            sec["compiled"] = compiled_curve(model, drafter, (4,) if dry else (4, 16) if cpu else COMPILED_SIZES,
+                                             reps, backend)
+        if "plain" not in skip:
+            sec["plain_decoding"] = plain_speed(model, new_tokens, backend)
+        say(json.dumps(sec)[:2000])
+        save()
+        del model, drafter
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    ckpts = {kind: os.path.join(args.out, f"{kind}.pt") for kind in ("transfer", "medusa")}
+    common = (["--device", args.device] + (["--model", model_path] if model_path else [])
+              + (["--threads", str(args.threads)] if args.threads else []))
+    for kind, ckpt in ckpts.items():  # the plan of each is chosen by timing passes here (--tree-sizes)
+        if "train" in skip or not model_path:
+            break
+        say(f"== train.py --preset gpu --drafter {kind} (short)")
+        sizes = ["--steps", "2", "--seq-len", "64", "--conversations", "40", "--holdout", "4", "--batch-size", "1",
+                 "--positions-per-seq", "8", "--eval-windows", "4", "--tree-sizes", ""] if dry else [
+                 "--steps", "60", "--conversations", "1500", "--holdout", "50", "--eval-windows", "50",
+                 "--eval-every", "0", "--tree-sizes", "2,4,8,16,32"]
+        results["sections"][f"train {kind}"] = run_script(
+            [py, "train.py", "--preset", "gpu", "--drafter", kind, *common, *sizes,
+             "--drafter-checkpoint", ckpt, "--cache-dir", os.path.join(args.out, "runs")]
+            + (["--sharegpt", args.sharegpt] if args.sharegpt else []),
+            os.path.join(args.out, f"train-{kind}.log"), 150)
+        save()
+    if "bench" not in skip and model_path:
+        say("== bench.py")
+        trained = all(os.path.exists(c) for c in ckpts.values())
+        results["sections"]["bench"] = run_script(
+            [py, "bench.py", *common, "--methods", "plain,transfer,medusa",
+             "--out", os.path.join(args.out, "bench.json"), "--prompts", "1" if dry else "4",
+             "--max-new-tokens", "8" if dry else "96", *([] if dry else ["--compile"]),
+             *([a for c in ckpts.values() for a in ("--drafter-checkpoint", c)] if trained else ["--untrained"])]
+            + (["--mtbench", args.mtbench] if args.mtbench else []), os.path.join(args.out, "bench.log"), 240)
+
+    save()
+    say(f"wrote {args.out}/results.md and results.json")
+    failed = [k for k, v in results["sections"].items() if isinstance(v, dict) and v.get("rc") not in (None, 0)]
+    if failed:
+        sys.exit(f"error: these sections failed: {', '.join(failed)} (see their logs in {args.out})")
+
+
+def markdown(results: dict) -> str:
+    env = results["env"]
+    lines = [f"# gpu_check{' (DRY RUN on the CPU, tiny sizes)' if results['dry_run'] else ''}", "",
+             "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), f"dtype: {results['dtype']}", ""]
+    if results.get("no_model"):
+        lines += [f"Real model absent ({results['no_model']}): its sections were skipped.", ""]
+    for name, sec in results["sections"].items():
+        if "rc" in sec:
+            lines += [f"## {name}: exit {sec['rc']} in {sec['seconds']} s", f"`{sec['command']}`", "",
+                      "```", sec["tail"].strip()[-800:], "```", ""]
+            continue
+        lines += [f"## {name}", ""]
+        for mode in ("eager", "compiled"):
+            if mode in sec and sec[mode].get("step_ms"):
+                c = sec[mode]
+                rows = ", ".join(f"{r['nodes']} nodes {r['ms']:.2f} ms ({r['ratio']:.2f}x)" for r in c["rows"])
+                lines.append(f"- pass cost, {mode}: one-token step {c['step_ms']:.2f} ms; {rows}"
+                             + (f"; compiling took {c['compile_s']:.0f} s" if "compile_s" in c else ""))
+        if "plain_decoding" in sec:
+            p = sec["plain_decoding"]
+            lines.append(f"- plain decoding: eager {p['eager']['decode_tokens_per_s']:.1f} tokens/s, compiled "
+                         f"{p['compiled']['decode_tokens_per_s']:.1f} tokens/s, same tokens: {p['same_tokens']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Compiled decoding (compiled.py) emits exactly what eager plain decoding emits.
+
+The compiled tree step is drafter.tree_pass with the cache offset as a tensor, so the masks span the
+whole cache: first that form is checked eagerly against the ordinary one, then compiled. The fast
+tests compile with the "aot_eager" backend: the same full-graph capture and static shapes, without
+inductor's code generation (a CPU inductor compile takes a minute). One slow test runs inductor
+itself (CUDA graphs on a GPU).
+"""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from compiled import Compiled
+from conftest import random_transfer, tiny
+from decode import generate_tree
+from generate import Sampler, generate
+from medusa import Medusa
+from model import KVCache, causal_mask
+from plan import Plan
+from tree import Tree, after_cache, chain, pseudo_mask
+
+TREE = Tree([(0,), (1,), (0, 0), (0, 1), (1, 0)], k=3)
+PLAN = Plan(Tree.parse("0;1;0,0;1,0;0,0,0", k=3), (0, 1), 3)  # cut steps and shifted drafts happen
+PROMPTS = ([4, 8, 15, 16, 23, 42], [1, 2, 3])
+
+
+def random_medusa(model):
+    m = Medusa(model.args.dim, 3)
+    with torch.no_grad():
+        m.proj.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    return m.to(model.output.weight.device)
+
+
+def test_whole_cache_masks_are_the_eager_masks_spread_over_the_cache():
+    n, L, k = 5, 16, 2
+    cache = KVCache(tiny().args, 1, L)
+    N = TREE.size
+    for wide, eager in [(after_cache(TREE.mask, torch.tensor(n), cache), after_cache(TREE.mask, n)),
+                        (pseudo_mask(TREE.mask, torch.tensor(n), k, None, cache), pseudo_mask(TREE.mask, n, k))]:
+        E = eager.shape[-1] - n - N                                          # ephemeral columns
+        assert wide.shape == (1, eager.shape[1], L + E)
+        assert torch.equal(wide[..., :n + N], eager[..., :n + N])           # cache, then the nodes
+        assert not wide[..., n + N:L].any()                                  # slots not filled yet
+        assert torch.equal(wide[..., L:], eager[..., n + N:])               # the ephemeral tokens
+
+
+@pytest.mark.parametrize("make", [lambda m: random_transfer(m, 1), random_medusa], ids=["transfer", "medusa"])
+def test_tree_pass_with_a_tensor_offset_equals_the_int_one(make, device):
+    """The compiled step's form, run eagerly: n as a tensor reads the whole (partly stale) cache."""
+    model = tiny(2, device)
+    drafter, tree, n = make(model), TREE.to(device), 6
+    tokens = torch.randint(96, (1, tree.size), generator=torch.Generator().manual_seed(0)).to(device)
+    outs = []
+    for offset in (n, torch.tensor(n, device=device)):
+        cache = KVCache(model.args, 1, 32, device)
+        cache.k.normal_(), cache.v.normal_()  # stale slots beyond n + N must not be read
+        at = torch.arange(n, device=device)
+        model(torch.tensor([PROMPTS[0]], device=device), at, causal_mask(n, device=device), at, cache)
+        with torch.no_grad():
+            outs.append(drafter.tree_pass(model, tokens, tree.positions(n), tree.mask, offset, cache,
+                                          nodes=torch.tensor([0, 2], device=device), depth=2))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_greedy_and_sampling_equal_eager_plain_without_recompiling():
+    model = tiny(0, n_layers=3)
+    for drafter in (random_transfer(model, 1), random_medusa(model)):
+        compiled = Compiled(model, drafter, backend="aot_eager")
+        graphs = counters["stats"]["unique_graphs"]
+        compiled.warm_up(len(PROMPTS[0]) + 25, PLAN)
+        assert counters["stats"]["unique_graphs"] >= graphs + 4, "the plain step and 3 plan cuts compile"
+        for i, prompt in enumerate(PROMPTS):
+            # after the warm-up nothing may recompile: the shapes depend on neither prompt nor step
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                for sampler in (lambda: Sampler(), lambda: Sampler(0.8, 0.9, seed=3)):
+                    ref = generate(model, prompt, 25, sampler())
+                    assert generate(model, prompt, 25, sampler(), compiled=compiled).tokens == ref.tokens
+                    out = generate_tree(model, drafter, prompt, PLAN, 25, sampler(), compiled=compiled)
+                    assert out.tokens == ref.tokens, type(drafter).__name__
+        for tree in (TREE, chain(3)):  # other plans: compiled on first use, the same tokens
+            ref = generate(model, PROMPTS[1], 20, Sampler())
+            assert generate_tree(model, drafter, PROMPTS[1], tree, 20, Sampler(), compiled=compiled).tokens == ref.tokens
+
+
+@pytest.mark.slow
+def test_inductor_compiled_greedy_equals_eager_plain(device):
+    """The real thing: inductor (on a GPU, mode reduce-overhead: CUDA graphs), about a minute on a CPU."""
+    model = tiny(0, device, n_layers=2)
+    ht = random_transfer(model, 1)
+    compiled = Compiled(model, ht)
+    compiled.warm_up(len(PROMPTS[0]) + 20, PLAN)
+    for prompt in PROMPTS:
+        ref = generate(model, prompt, 20, Sampler())
+        assert generate(model, prompt, 20, Sampler(), compiled=compiled).tokens == ref.tokens
+        assert generate_tree(model, ht, prompt, PLAN, 20, Sampler(), compiled=compiled).tokens == ref.tokens
