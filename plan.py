@@ -153,7 +153,8 @@ def expected_tokens(plan: Plan, accept, cost=None, iters: int = 200):
 
 def candidate_plans(accept, sizes, k: int):
     """For each tree size, the best tree (tree.build_tree) with pseudo tokens for the m nodes most
-    likely to end the walk (m = 1, 2, 4, ..., all; the root always among them), c each (1..k)."""
+    likely to end the walk (m = 1, 2, 4, ..., all; the root always among them), c each (from the
+    tree's depth to k: with fewer, every step would cut the tree, which is a smaller tree's plan)."""
     rates = torch.as_tensor(accept, dtype=torch.float64)
     for n in sizes:
         tree = build_tree(rates[:k], n)
@@ -161,7 +162,7 @@ def candidate_plans(accept, sizes, k: int):
         end = [float(p[v]) - sum(float(p[c]) for c in tree.children[v]) for v in range(tree.size)]
         order = [0] + sorted(range(1, tree.size), key=lambda v: -end[v])
         for m in sorted({min(m, tree.size) for m in (1, 2, 4, 8, 16, 32, 64)} | {tree.size}):
-            for c in range(1, k + 1):
+            for c in range(max(1, tree.depth), k + 1):  # fewer than the tree reads: always cut
                 yield Plan(tree, tuple(sorted(order[:m])), c)
 
 
