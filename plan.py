@@ -11,7 +11,7 @@ step that drafts anew). Drafts only choose what is verified, so every plan is lo
 
 `expected_tokens` turns measured acceptance rates into tokens per pass for a plan (a small Markov
 chain over where the drafts come from); `choose_plan` weighs that against measured pass times.
-Read latency.py next (what the passes cost), then decode.py (which follows a plan).
+Read next: decode.py, which follows a plan (latency.py times the passes the choice weighs).
 """
 
 from dataclasses import dataclass

@@ -4,7 +4,7 @@ states of the next k tokens (arXiv 2404.12022; METHOD.md, "Notation").
 After transfer layer t, real token p's state h^t_p becomes pseudo tokens h~_(p,i) = W_i h^t_p
 (i = 1..k) at positions p+i. They run through layers t+1..L beside the real tokens, then the LM
 head turns them into drafts for positions p+i+1: `tree_pass` in decoding, `train_pass` in
-training (tree.py draws the mask). Read next: decode.py, which turns drafts into accepted tokens.
+training (tree.py draws the mask). Read next: plan.py, which decides which nodes carry them.
 """
 
 import torch
