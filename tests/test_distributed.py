@@ -10,6 +10,7 @@ import os
 import socket
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train
@@ -37,6 +38,10 @@ def rank_main(rank, port, out):
     model, windows, args = setting(out)
     train.setup(args)
     train.run(args, model, windows, windows[:2])
+    # a spawned process ends with os._exit, which skips setup's atexit hook: leave the group here,
+    # together, or gloo's threads die with the process and abort it (SIGABRT) now and then
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
