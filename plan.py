@@ -15,7 +15,7 @@ Read next: decode.py, which follows a plan (latency.py times the passes the choi
 """
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -59,7 +59,7 @@ class Plan:
         return {"tree": [list(p) for p in self.tree.paths[1:]], "pseudo_nodes": list(self.nodes),
                 "pseudo_depth": self.depth}
 
-    @property
+    @cached_property  # read by source() after every decoding step: built once per plan
     def counts(self) -> tuple:  # pseudo tokens per node (N,)
         carried = set(self.nodes)
         return tuple(self.depth if v in carried else 0 for v in range(self.tree.size))
