@@ -8,7 +8,11 @@ wide as the whole cache and the shapes never depend on n. What stays fixed from 
 KV cache (one per length bucket, reused), the tree and the plan's nodes and depth. Each cut of the
 plan (plan.py: a tree cut to the drafts available, a root-only step) has other shapes and gets its
 own compiled graph the first time it runs (warm_up compiles them all before anything is timed).
-Read decode.py first.
+
+Two things in model.py serve the compiled steps: Attention writes K/V into the whole cache tensor
+at (layer, slots), so the compiled graph updates the cache in place rather than copying a layer's
+cache at every step; and model.linear keeps its timed CPU product form inside the graph (tune()
+times every shape before anything compiles). Read decode.py first.
 """
 
 import torch
@@ -34,7 +38,7 @@ class Compiled:
         self.model, self.drafter = model, drafter
         self.device = model.output.weight.device
         # model.linear times its CPU product forms at a new shape: do it now, never while compiling
-        # or timing (inside a compiled region linear skips the lookup altogether)
+        # or timing (inside a compiled region linear only looks the form up)
         tune(model)
         if drafter is not None:
             tune(drafter)
@@ -58,9 +62,9 @@ class Compiled:
         if L not in self._caches:
             w = self.model.output.weight
             self._caches[L] = cache = KVCache(self.model.args, 1, L, w.device, w.dtype)
-            if self.device.type == "cuda":
-                torch._dynamo.mark_static_address(cache.k)
-                torch._dynamo.mark_static_address(cache.v)
+            if self.device.type == "cuda":  # graph inputs that CUDA graphs then never copy
+                for t in (cache.k, cache.v, cache.layer_ids):
+                    torch._dynamo.mark_static_address(t)
         return self._caches[L]
 
     @torch.no_grad()

@@ -133,10 +133,12 @@ class LinearKernels:
         bucket = next((b for b in ROW_BUCKETS if b >= rows), ROW_BUCKETS[-1])
         return tuple(weight.shape), weight.dtype, bucket
 
-    def form(self, weight: torch.Tensor, rows: int) -> str:
+    def form(self, weight: torch.Tensor, rows: int, measure: bool = True) -> str:
         if self.force:
             return self.force
         key = self.key(weight, rows)
+        if key not in self.table and not measure:  # not timed, and no timing now: F.linear's form
+            return "linear"
         if key not in self.table:  # a new shape or dtype: time every bucket now, on one ring
             ring = weight_ring(weight)
             for b in ROW_BUCKETS:
@@ -150,11 +152,12 @@ KERNELS = LinearKernels()  # the one every product consults; tests swap in their
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T, the product behind every nn.Linear here (weights stay nn.Linear parameters):
     F.linear on a GPU; on the CPU the form KERNELS measured fastest for this shape and row count."""
-    # Inside a compiled region (compiled.py) the compiler picks the kernel: no lookup, no timing.
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    if x.device.type != "cpu":
         return F.linear(x, weight)
     rows = x.reshape(-1, x.shape[-1])                     # (M, in)
-    y = FORMS[KERNELS.form(weight, rows.shape[0])](rows, weight)  # (M, out), row-major
+    # inside a compiled region (compiled.py) only look up the form: tune() timed it before compiling
+    form = KERNELS.form(weight, rows.shape[0], measure=not torch.compiler.is_compiling())
+    y = FORMS[form](rows, weight)                          # (M, out), row-major
     return y.view(*x.shape[:-1], weight.shape[0])         # (..., out)
 
 
@@ -184,6 +187,7 @@ class KVCache:
         shape = (args.n_layers, batch, args.n_kv_heads, self.max_len, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.layer_ids = torch.arange(args.n_layers, device=device)  # for Attention's in-place write
 
     def move(self, src: torch.Tensor, dst: torch.Tensor):
         """Copy the K/V at slots `src` to slots `dst` in every layer (compaction after a step)."""
@@ -230,10 +234,12 @@ class Attention(nn.Module):
         if cache is not None:
             n_cached = slots.numel()
             kv_len = mask.shape[-1] - (T - n_cached)
+            if n_cached:  # K/V to (this layer, slots), in place in the whole cache: were they written
+                # into the view cache.k[layer], torch.compile would copy the layer's cache every step
+                layer = cache.layer_ids[self.layer:self.layer + 1]  # (1,): an index tensor, not an int
+                cache.k[layer, :, :, slots] = k[:, :, :n_cached].permute(2, 0, 1, 3)  # (n, B, n_kv, hd):
+                cache.v[layer, :, :, slots] = v[:, :, :n_cached].permute(2, 0, 1, 3)  # indexed axes first
             ck, cv = cache.k[self.layer], cache.v[self.layer]  # (B, n_kv, max_len, hd)
-            if n_cached:
-                ck.index_copy_(2, slots, k[:, :, :n_cached])
-                cv.index_copy_(2, slots, v[:, :, :n_cached])
             if n_cached == T:  # nothing ephemeral: read the cache in place, no copy
                 k, v = ck[:, :, :kv_len], cv[:, :, :kv_len]
             else:

@@ -28,9 +28,10 @@ PLANTED = {
          "g = self.n_heads // self.n_kv\n        y = F.scaled_dot_product_attention("
          "q, k.repeat(1, g, 1, 1), v.repeat(1, g, 1, 1), attn_mask=mask.unsqueeze(1))",
          "kv heads tiled with repeat instead of repeat_interleave"),
-        ("model.py", "ck.index_copy_(2, slots, k[:, :, :n_cached])\n                cv.index_copy_(2, slots, "
-                     "v[:, :, :n_cached])",
-         "ck[:, :, :n_cached] = k[:, :, :n_cached]\n                cv[:, :, :n_cached] = v[:, :, :n_cached]",
+        ("model.py", "cache.k[layer, :, :, slots] = k[:, :, :n_cached].permute(2, 0, 1, 3)  # (n, B, n_kv, hd):\n"
+                     "                cache.v[layer, :, :, slots] =",
+         "cache.k[self.layer, :, :, :n_cached] = k[:, :, :n_cached]  #\n"
+         "                cache.v[self.layer, :, :, :n_cached] = v[:, :, :n_cached]  #",
          "K/V written to the first slots instead of the given ones")],
     2: [("tree.py", "return n + self.depths", "return n + torch.arange(self.size, device=self.depths.device)",
          "siblings given different positions"),

@@ -9,6 +9,7 @@ itself (CUDA graphs on a GPU).
 
 import pytest
 import torch
+from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 
 from compiled import Compiled
@@ -82,6 +83,36 @@ def test_compiled_greedy_and_sampling_equal_eager_plain_without_recompiling():
         for tree in (TREE, chain(3)):  # other plans: compiled on first use, the same tokens
             ref = generate(model, PROMPTS[1], 20, Sampler())
             assert generate_tree(model, drafter, PROMPTS[1], tree, 20, Sampler(), compiled=compiled).tokens == ref.tokens
+
+
+def graph_ops(fn, *args):
+    """The aten ops of fn's compiled forward graph (after functionalization, as inductor gets it)."""
+    ops = []
+
+    def forward_compiler(gm, inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+    fn = torch._dynamo.dont_skip_tracing(fn)  # as compiled.py: trace tree.py, named like dm-tree
+    with torch.no_grad():
+        torch.compile(fn, backend=aot_autograd(fw_compiler=forward_compiler), fullgraph=True, dynamic=False)(*args)
+    return ops
+
+
+def test_compiled_steps_write_the_cache_in_place():
+    """model.Attention writes K/V at (layer, slots) of the whole cache: a write into the view
+    cache.k[layer] would reach the compiled graph as a copy of that layer's cache (select_scatter)
+    at every step, and on a CPU cost more than the step's own arithmetic."""
+    model, n = tiny(0, n_layers=2), 6
+    drafter, tree, cache = random_transfer(model, 1), TREE, KVCache(model.args, 1, 32)
+    one, at = torch.ones(1, 1, dtype=torch.long), torch.tensor([n])
+    plain = graph_ops(model.forward, one, at, torch.ones(1, 1, 32, dtype=torch.bool), at, cache)
+    tree_step = graph_ops(lambda *a: drafter.tree_pass(model, *a), torch.ones(1, tree.size, dtype=torch.long),
+                          tree.positions(n), tree.mask, torch.tensor(n), cache)
+    for ops in (plain, tree_step):
+        assert ops.count("aten.index_put.default") == 2 * model.args.n_layers  # K and V, each layer
+        copies = [op for op in ops if op.startswith(("aten.select_scatter", "aten.slice_scatter",
+                                                     "aten.as_strided_scatter", "aten.copy", "aten.index_copy"))]
+        assert not copies
 
 
 @pytest.mark.slow

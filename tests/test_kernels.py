@@ -132,3 +132,16 @@ def test_cuda_uses_f_linear_and_times_nothing(monkeypatch):
     torch.testing.assert_close(linear(x, w), F.linear(x, w))
     tune(torch.nn.Linear(16, 8).cuda(), kernels=k)
     assert timer.calls == [] and k.table == {}
+
+
+def test_a_compiled_region_uses_the_timed_form_and_times_nothing(monkeypatch, spy):
+    """compiled.py: tune() times before compiling; inside the graph linear only looks the form up,
+    and a shape nobody timed gets F.linear's form rather than a timing in the middle of a trace."""
+    timer = FakeTimer({"linear": 2.0, "transposed": 1.0})
+    k = use_kernels(monkeypatch, LinearKernels(timer))
+    timed, untimed, x = torch.randn(8, 16), torch.randn(16, 8), torch.randn(2, 16)
+    k.form(timed, 1)
+    n = len(timer.calls)
+    f = torch.compile(lambda x: linear(linear(x, timed), untimed), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(f(x), (x @ timed.T) @ untimed.T)
+    assert spy == ["transposed", "linear"] and len(timer.calls) == n
