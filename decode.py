@@ -83,11 +83,12 @@ def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_token
     hidden, states = drafter.tree_pass(model, torch.tensor([prompt], device=dev),
                                        torch.arange(n, device=dev), causal, 0, cache,
                                        nodes=torch.tensor([n - 1], device=dev), depth=plan.depth)
-    root = sampler(model.head(hidden[-1]))
+    logits, drafts = drafter.step_logits(model, hidden[-1:], states)  # (1, V), (1, depth, V)
+    root = sampler(logits[0])
     out.tokens.append(root)
     if on_token:
         on_token([root])
-    drafts = drafter.draft_logits(model, states[0])  # (depth, V): q_1.., for positions n+1..
+    drafts = drafts[0]  # (depth, V): q_1.., for positions n+1..
     sync(dev)
     t1 = time.perf_counter()
     out.prefill_s = t1 - t0
@@ -102,7 +103,7 @@ def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_token
         # 2. One pass verifies every node and drafts from the pseudo tokens of the plan's nodes.
         hidden, states = step(model, tokens[None], tree.positions(n), tree.mask, n, cache,
                               nodes=nodes, depth=run.depth)
-        logits = model.head(hidden)                                    # (N, V)
+        logits, node_drafts = drafter.step_logits(model, hidden, states)  # (N, V), (len(nodes), depth, V)
         # 3. Accept.
         path, emitted = accept(tree.children, tokens.tolist(), lambda v: sampler(logits[v]),
                                max_new_tokens - len(out.tokens), stop_ids)
@@ -122,8 +123,7 @@ def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_token
         #    ancestor that carries some, shifted (plan.py); none left: a root-only step follows.
         if not done:
             row, shift, avail = run.source(path)
-            drafts = (drafter.draft_logits(model, states[row, shift:]) if avail
-                      else logits.new_zeros(0, logits.shape[-1]))
+            drafts = node_drafts[row, shift:] if avail else logits.new_zeros(0, logits.shape[-1])
     sync(dev)
     out.decode_s = time.perf_counter() - t1
     return out

@@ -58,6 +58,13 @@ class Drafter(nn.Module):
         """states (..., depth, ...) from tree_pass or train_pass -> draft logits (..., depth, V)."""
         raise NotImplementedError
 
+    def step_logits(self, model: Transformer, hidden: torch.Tensor, states: torch.Tensor):
+        """A decoding step's logits from tree_pass's outputs: the verifying ones, model.head(hidden)
+        (N, V), and the draft logits of every drafting node (len(nodes), depth, V). Two products
+        here; a drafter whose drafts end in the LM head (both of ours) makes them one, and so reads
+        the vocabulary-sized head weights once a step, not twice (on a CPU, a few ms a step)."""
+        return model.head(hidden), self.draft_logits(model, states)
+
     # ------------------------------------------------------------------------- training
 
     def train_pass(self, model: Transformer, ids: torch.Tensor, positions: torch.Tensor):

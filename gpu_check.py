@@ -86,8 +86,7 @@ def compiled_curve(model, drafter, sizes, reps, backend, n_ctx=CONTEXT) -> dict:
 
         def one():
             hidden, states = c.tree_pass(model, tokens, pos, tree.mask, n_ctx, cache, nodes, plan.depth)
-            model.head(hidden)
-            drafter.draft_logits(model, states[0])
+            drafter.step_logits(model, hidden, states)
         one(), one(), one()  # compile and capture
         ms = 1000 * _median_time(one, dev, reps)
         curve["rows"].append({"nodes": n, "ms": ms, "ratio": ms / curve["step_ms"]})

@@ -36,8 +36,8 @@ def _median_time(fn, device, reps: int) -> float:
 def pass_latency(model, drafter, plan: Plan | Tree, n_ctx: int = CONTEXT, reps: int = REPS) -> float:
     """Median seconds of one decoding step's model work with `plan` (a bare Tree: plan.Plan.full)
     after n_ctx cached tokens, as in decode.generate_tree: drafter.tree_pass with the plan's pseudo
-    tokens, the LM head on the nodes, one node's drafts. The cache holds zeros: its values do not
-    change the cost."""
+    tokens, then drafter.step_logits (the verifying and the draft logits). The cache holds zeros:
+    its values do not change the cost."""
     plan = plan if isinstance(plan, Plan) else Plan.full(plan, drafter.k)
     w = model.output.weight
     cache = KVCache(model.args, 1, n_ctx + plan.tree.size, w.device, w.dtype)
@@ -47,8 +47,7 @@ def pass_latency(model, drafter, plan: Plan | Tree, n_ctx: int = CONTEXT, reps: 
     def step():
         hidden, states = drafter.tree_pass(model, tokens, tree.positions(n_ctx), tree.mask, n_ctx, cache,
                                            nodes=nodes, depth=plan.depth)
-        model.head(hidden)
-        drafter.draft_logits(model, states[0])
+        drafter.step_logits(model, hidden, states)
     return _median_time(step, w.device, reps)
 
 

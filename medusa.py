@@ -55,6 +55,12 @@ class Medusa(Drafter):
         before the heads."""
         return linear(states, model.output.weight)  # model.py's fast CPU product, as model.head uses
 
+    def step_logits(self, model: Transformer, hidden: torch.Tensor, states: torch.Tensor):
+        """Drafter.step_logits in one LM-head product: the nodes normed (model.head), the heads' states
+        as they are."""
+        logits = linear(torch.cat([model.norm(hidden), states.flatten(0, 1)]), model.output.weight)
+        return logits[:len(hidden)], logits[len(hidden):].unflatten(0, states.shape[:2])
+
     def train_pass(self, model, ids, positions):
         """Drafter.train_pass: the frozen model's last-layer states at `positions`, through the heads."""
         T, d = ids.shape[1], model.args.dim

@@ -79,6 +79,11 @@ class HiddenTransfer(Drafter):
         """Pseudo states (..., depth, dim) -> draft logits (..., depth, V): final norm, LM head."""
         return model.head(states)
 
+    def step_logits(self, model: Transformer, hidden: torch.Tensor, states: torch.Tensor):
+        """Drafter.step_logits in one LM-head product: the nodes' and the pseudo tokens' states alike."""
+        logits = model.head(torch.cat([hidden, states.flatten(0, 1)]))  # (N + M*depth, V)
+        return logits[:len(hidden)], logits[len(hidden):].unflatten(0, states.shape[:2])
+
     # ------------------------------------------------------------------------- training
 
     def pseudo_inputs(self, h_t: torch.Tensor, positions: torch.Tensor):

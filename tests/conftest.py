@@ -101,7 +101,11 @@ class Oracle(HiddenTransfer):
         # the "state" of pseudo (a, i) is the position it predicts: pos(a) + i + 1, (M, depth)
         return hidden, pos[nodes][:, None] + torch.arange(2, depth + 2, device=dev)
 
-    def draft_logits(self, model, targets):
+    def step_logits(self, model, hidden, states):  # made-up drafts: not one LM-head product
+        return model.head(hidden), self.draft_logits(model, states)
+
+    def draft_logits(self, model, targets):  # targets (..., depth) -> (..., depth, V)
+        shape, targets = targets.shape, targets.reshape(-1)
         logits = torch.randn(len(targets), self.V)  # drawn on the CPU: the same drafts on every device
         for i, target in enumerate(targets.tolist()):
             if target < len(self.ref):
@@ -113,7 +117,7 @@ class Oracle(HiddenTransfer):
                     logits[i, top[0] if top[0] != self.ref[target] else top[1]] = 100.0
                 else:
                     logits[i, self.ref[target]] = -100.0
-        return logits.to(targets.device)
+        return logits.view(*shape, self.V).to(targets.device)
 
 
 def check_cache(model, prompt, emitted):

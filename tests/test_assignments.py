@@ -63,7 +63,7 @@ PLANTED = {
          "the next drafts from the shallowest carrying ancestor, not the deepest"),
         ("plan.py", "u, shift = path[depth_u], depth_v - depth_u", "u, shift = path[depth_u], depth_v - depth_u - 1",
          "the fallback's shift off by one"),
-        ("decode.py", "drafter.draft_logits(model, states[row, shift:])", "drafter.draft_logits(model, states[row])",
+        ("decode.py", "drafts = node_drafts[row, shift:]", "drafts = node_drafts[row]",
          "an ancestor's drafts used unshifted")],
     5: [("train.py", "kl = (logp.exp() * (logp - logq)).sum(-1)", "kl = (logq.exp() * (logq - logp)).sum(-1)",
          "KL with its arguments swapped"),

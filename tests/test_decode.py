@@ -8,6 +8,8 @@ cache compaction and stops inside a step are all exercised.
 import pytest
 import torch
 
+import medusa as medusa_module
+import model as model_module
 from conftest import Oracle, check_cache, random_transfer, tiny
 from decode import accept, generate_tree
 from generate import Sampler, generate
@@ -180,6 +182,31 @@ def test_fewer_drafts_per_node_are_the_first_drafts(make, depth, device):
     assert torch.equal(logits_d.argmax(-1), logits_k[:, :depth].argmax(-1))
     with pytest.raises(ValueError, match="depth"):
         drafter.tree_pass(model, tokens, tree.positions(n), tree.mask, n, cache, depth=4)
+
+
+@pytest.mark.parametrize("make", [random_transfer, random_medusa], ids=["transfer", "medusa"])
+def test_step_logits_are_the_head_and_the_drafts_in_one_product(make, device, monkeypatch):
+    """Drafter.step_logits gives what model.head(hidden) and draft_logits(states) give, from ONE
+    product with the LM head's weights (the largest single read of a small model's step)."""
+    model = tiny(4, device)
+    drafter = make(model, seed=1) if make is random_medusa else make(model, 2, seed=1)
+    tree, n, at = TREES["wide"].to(device), 5, torch.arange(5, device=device)
+    tokens = torch.randint(0, model.args.vocab_size, (1, tree.size), generator=torch.Generator().manual_seed(2))
+    cache = KVCache(model.args, 1, 32, device)
+    with torch.no_grad():
+        model(torch.tensor([[9, 8, 7, 6, 5]], device=device), at, causal_mask(n, device=device), at, cache)
+        hidden, states = drafter.tree_pass(model, tokens.to(device), tree.positions(n), tree.mask, n, cache,
+                                           nodes=[0, 2, 4], depth=2)
+        logits, drafts = drafter.step_logits(model, hidden, states)
+        torch.testing.assert_close(logits, model.head(hidden), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(drafts, drafter.draft_logits(model, states), rtol=1e-5, atol=1e-5)
+        assert drafts.shape == (3, 2, model.args.vocab_size)
+        products, real = [], model_module.linear
+        spy = lambda x, w: products.append(w is model.output.weight) or real(x, w)
+        monkeypatch.setattr(model_module, "linear", spy)
+        monkeypatch.setattr(medusa_module, "linear", spy)
+        drafter.step_logits(model, hidden, states)
+    assert products.count(True) == 1, "the LM head's weights are read once a step"
 
 
 # ----------------------------------------------------------------------------- the acceptance walk alone

@@ -122,7 +122,11 @@ def oracle_drafter(model, reference: list, layer: int = 2, k: int = 3, seed: int
             offsets = torch.arange(2, states.shape[1] + 2)
             return hidden, pos[nodes].cpu()[:, None] + offsets                # (M, depth)
 
-        def draft_logits(self, model, targets):
+        def step_logits(self, model, hidden, states):  # made-up drafts: not one LM-head product
+            return model.head(hidden), self.draft_logits(model, states)
+
+        def draft_logits(self, model, targets):  # targets (..., depth) -> (..., depth, V)
+            shape, targets = targets.shape, targets.reshape(-1)
             logits = torch.randn(len(targets), model.args.vocab_size, generator=self.g)
             for i, target in enumerate(targets.tolist()):
                 if target < len(reference):
@@ -134,7 +138,7 @@ def oracle_drafter(model, reference: list, layer: int = 2, k: int = 3, seed: int
                         logits[i, right], logits[i, top] = 50.0, 100.0
                     else:
                         logits[i, right] = -100.0
-            return logits
+            return logits.view(*shape, -1)
 
     o = Oracle(model.args.dim, k, layer)
     o.rng, o.g = random.Random(seed), torch.Generator().manual_seed(seed)
