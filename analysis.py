@@ -23,7 +23,7 @@ from tqdm import tqdm
 import train
 from checkpoint import build_drafter, model_identity, open_checkpoint, save_atomic, save_checkpoint
 from data import encode_conversations, read_sharegpt, split_holdout
-from generate import Sampler, check_common_args, generate, int_range, list_of, load, run_main
+from generate import HelpFormatter, Sampler, check_common_args, generate, int_range, list_of, load, run_main
 from latency import select_plan
 from model import KVCache, causal_mask
 
@@ -156,7 +156,7 @@ def self_distill(model, tok, n, steps, train_args, sharegpt_windows, held_window
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     formatter_class=HelpFormatter,
                                      epilog="Any other flag is train.py's (data, --seq-len, --lr, ...), "
                                             "--drafter-checkpoint too: the drafter for --cosine and "
                                             "--select-tree (default: checkpoints/<drafter>.pt).")

@@ -24,7 +24,7 @@ from checkpoint import DRAFTERS, default_checkpoint, load_drafter, open_checkpoi
 from compiled import Compiled
 from data import pick_mtbench, read_mtbench
 from decode import generate_tree
-from generate import (DTYPES, Generation, Sampler, add_common_args, check_common_args,
+from generate import (DTYPES, Generation, HelpFormatter, Sampler, add_common_args, check_common_args,
                       describe_machine, fit_context, generate, int_range, load, run_main)
 from latency import latency_curve, latency_report
 import ties
@@ -259,7 +259,7 @@ def load_drafters(model, args, found: dict) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_common_args(p)  # its --prompt is not used: the prompts are MT-Bench's
     p.set_defaults(max_new_tokens=MAX_NEW_TOKENS)
     p.add_argument("--methods", default=None,

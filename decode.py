@@ -17,7 +17,7 @@ import time
 import torch
 
 from checkpoint import DRAFTERS, load_drafter, open_checkpoint
-from generate import (Generation, Sampler, add_common_args, check_common_args, compiled_for,
+from generate import (Generation, HelpFormatter, Sampler, add_common_args, check_common_args, compiled_for,
                       describe_machine, encode_prompt, fit_context, generate, load, run_main, sync)
 from model import KVCache
 from plan import Plan
@@ -133,7 +133,7 @@ def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_token
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_common_args(parser)
     parser.add_argument("--drafter", default=None, choices=list(DRAFTERS),
                         help="the drafter kind (default: whatever the checkpoint holds; transfer when "

@@ -153,6 +153,16 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, sampler: Sam
 
 # ----------------------------------------------------------------------------- what scripts share
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows a flag's default once: appended, unless its help text already names it, or it is
+    None or "" (the help says what no value means) or False (an on/off flag)."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False, ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def int_range(lo: int, hi: int | None = None):
     """An argparse type: an integer from lo to hi (None: no upper bound), else a one-line error."""
     def parse(text):
@@ -293,7 +303,7 @@ def describe_machine(device) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_common_args(parser)
     args = parser.parse_args(argv)
     check_common_args(args)

@@ -20,7 +20,7 @@ import time
 import torch
 
 from compiled import Compiled
-from generate import Sampler, generate
+from generate import HelpFormatter, Sampler, float_range, generate
 from latency import CONTEXT, _median_time, latency_curve, made_up_accept
 from model import ModelArgs, Transformer
 from plan import Plan
@@ -113,7 +113,7 @@ def run_script(cmd: list, log: str, timeout: int) -> dict:
     t0 = time.perf_counter()
     with open(log, "w") as f:
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=max(1, timeout)).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     with open(log) as f:
@@ -123,16 +123,21 @@ def run_script(cmd: list, log: str, timeout: int) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("out", help="folder for results.md, results.json and the logs")
-    p.add_argument("--device", default="cuda", help="cuda; cpu = a dry run at tiny sizes")
+    p.add_argument("--device", default="cuda", help="cuda (default), or cpu: a dry run at tiny sizes")
     p.add_argument("--model", default=None, help="SmolLM2 GGUF (default: the installed one, if any)")
-    p.add_argument("--sharegpt", default=None, help="ShareGPT json for the short training run")
-    p.add_argument("--mtbench", default=None, help="MT-Bench question.jsonl for bench.py")
+    p.add_argument("--sharegpt", default=None,
+                   help="ShareGPT json for the short training run (default: train.py's, the installed one)")
+    p.add_argument("--mtbench", default=None,
+                   help="MT-Bench question.jsonl for bench.py (default: bench.py's, the installed one)")
     p.add_argument("--full", action="store_true",
                    help="with --device cpu: real sizes (SmolLM2 only: a 7B model needs 27 GB in fp32), inductor")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--skip", default="", help="comma list of sections to skip: tests,latency,plain,train,bench")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: tests,latency,plain,train,bench (default: none)")
+    p.add_argument("--budget", type=float_range(0), default=480,
+                   help="seconds for the whole check: a section is not started with under 15 s left (it is "
+                        "listed as out of time), and a script section gets at most what is left")
     return p.parse_args(argv)
 
 
@@ -148,14 +153,22 @@ def main(argv=None):
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     backend = "aot_eager" if dry else "inductor"   # the dry run checks the plumbing, not inductor
     reps, new_tokens = (2, 8) if dry else (10, 128)
-    results = {"env": environment(dev), "dry_run": dry, "dtype": str(dtype), "sections": {}}
+    results = {"env": environment(dev), "dry_run": dry, "dtype": str(dtype), "sections": {}, "out_of_time": []}
     say = lambda *a: print(*a, flush=True)
     say(f"gpu_check: {results['env']}")
     try:
         model_path = args.model or default_model_path()
     except Exception as e:  # the real model did not travel: its sections are skipped
         model_path, results["no_model"] = None, str(e)
-    py = sys.executable
+    py, t0 = sys.executable, time.perf_counter()
+    left = lambda: args.budget - (time.perf_counter() - t0)
+
+    def starts(section: str) -> bool:  # False, and noted, once the budget is spent
+        if left() >= 15:
+            return True
+        results["out_of_time"].append(section)
+        say(f"== {section}: skipped, out of time (--budget {args.budget:.0f} s)")
+        return False
 
     def save():  # after every section: a check cut short still leaves what it measured
         with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -163,12 +176,13 @@ def main(argv=None):
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(markdown(results))
 
-    if "tests" not in skip:  # the device-parametrized tests, on this device only
+    if "tests" not in skip and starts("tests"):  # the device-parametrized tests, on this device only
         say("== CUDA tests")
         results["sections"]["tests"] = run_script(
             [py, "-m", "pytest", "-q", "-k", "cuda", "tests/test_decode.py", "tests/test_model.py",
-             "tests/test_tree.py", "tests/test_medusa.py", "tests/test_plan.py", "tests/test_compiled.py"],
-            os.path.join(args.out, "tests.log"), 240)
+             "tests/test_tree.py", "tests/test_medusa.py", "tests/test_plan.py", "tests/test_compiled.py",
+             "tests/test_kernels.py"],
+            os.path.join(args.out, "tests.log"), min(240, left()))
         save()
 
     models = {} if args.full and dev.type == "cpu" else {"llama-2-7b-shaped (random)": lambda: random_model(
@@ -178,6 +192,8 @@ def main(argv=None):
     for name, build in models.items():
         if not {"latency", "plain"} - skip:
             break
+        if not starts(name):
+            continue
         say(f"== {name}")
         model = build()
         w = model.output.weight
@@ -203,6 +219,8 @@ def main(argv=None):
     for kind, ckpt in ckpts.items():  # the plan of each is chosen by timing passes here (--tree-sizes)
         if "train" in skip or not model_path:
             break
+        if not starts(f"train {kind}"):
+            continue
         say(f"== train.py --preset gpu --drafter {kind} (short)")
         sizes = ["--steps", "2", "--seq-len", "64", "--conversations", "40", "--holdout", "4", "--batch-size", "1",
                  "--positions-per-seq", "8", "--eval-windows", "4", "--tree-sizes", ""] if dry else [
@@ -212,9 +230,9 @@ def main(argv=None):
             [py, "train.py", "--preset", "gpu", "--drafter", kind, *common, *sizes,
              "--drafter-checkpoint", ckpt, "--cache-dir", os.path.join(args.out, "runs")]
             + (["--sharegpt", args.sharegpt] if args.sharegpt else []),
-            os.path.join(args.out, f"train-{kind}.log"), 150)
+            os.path.join(args.out, f"train-{kind}.log"), min(150, left()))
         save()
-    if "bench" not in skip and model_path:
+    if "bench" not in skip and model_path and starts("bench"):
         say("== bench.py")
         trained = all(os.path.exists(c) for c in ckpts.values())
         results["sections"]["bench"] = run_script(
@@ -222,10 +240,12 @@ def main(argv=None):
              "--out", os.path.join(args.out, "bench.json"), "--prompts", "1" if dry else "4",
              "--max-new-tokens", "8" if dry else "96", *([] if dry else ["--compile"]),
              *([a for c in ckpts.values() for a in ("--drafter-checkpoint", c)] if trained else ["--untrained"])]
-            + (["--mtbench", args.mtbench] if args.mtbench else []), os.path.join(args.out, "bench.log"), 240)
+            + (["--mtbench", args.mtbench] if args.mtbench else []), os.path.join(args.out, "bench.log"),
+            min(240, left()))
 
     save()
-    say(f"wrote {args.out}/results.md and results.json")
+    say(f"wrote {args.out}/results.md and results.json"
+        + (f"; out of time, not run: {', '.join(results['out_of_time'])}" if results["out_of_time"] else ""))
     failed = [k for k, v in results["sections"].items() if isinstance(v, dict) and v.get("rc") not in (None, 0)]
     if failed:
         sys.exit(f"error: these sections failed: {', '.join(failed)} (see their logs in {args.out})")
@@ -235,6 +255,8 @@ def markdown(results: dict) -> str:
     env = results["env"]
     lines = [f"# gpu_check{' (DRY RUN on the CPU, tiny sizes)' if results['dry_run'] else ''}", "",
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), f"dtype: {results['dtype']}", ""]
+    if results.get("out_of_time"):
+        lines += [f"Out of time (--budget), not run: {', '.join(results['out_of_time'])}.", ""]
     if results.get("no_model"):
         lines += [f"Real model absent ({results['no_model']}): its sections were skipped.", ""]
     for name, sec in results["sections"].items():

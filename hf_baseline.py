@@ -17,13 +17,13 @@ import time
 
 import torch
 
-from generate import (Sampler, add_common_args, check_common_args, describe_machine, encode_prompt, generate,
+from generate import (HelpFormatter, Sampler, add_common_args, check_common_args, describe_machine, encode_prompt, generate,
                       int_range, load, run_main)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_common_args(parser)
     parser.add_argument("--reps", type=int_range(1), default=5, help="timed generations per implementation")
     args = parser.parse_args(argv)

@@ -27,7 +27,8 @@ from checkpoint import (DRAFTERS, build_drafter, default_checkpoint, model_ident
                         save_atomic, save_checkpoint)
 from data import batches, encode_conversations, read_sharegpt, sharegpt_path, split_holdout
 from distributed import ddp, is_main, setup, shard
-from generate import add_common_args, check_common_args, float_range, int_range, list_of, load, run_main
+from generate import (HelpFormatter, add_common_args, check_common_args, float_range, int_range, list_of, load,
+                      run_main)
 from latency import select_plan
 from plan import Plan, expected_tokens
 from tree import chain, expected_tau
@@ -273,7 +274,7 @@ PRESETS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_common_args(p)  # --model --device --dtype --seed --threads (and decoding flags, unused here)
     p.add_argument("--drafter", default="transfer", choices=list(DRAFTERS),
                    help="transfer: Hidden Transfer projections; medusa: the Medusa-1 baseline heads")

@@ -328,3 +328,16 @@ def test_default_model_not_installed(monkeypatch):
 def test_nonexistent_path(tmp_path):
     with pytest.raises(WeightsError, match=r"nowhere: no such file or directory"):
         load_model(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("script", ["generate.py", "decode.py", "train.py", "bench.py", "analysis.py",
+                                    "hf_baseline.py", "gpu_check.py"])
+def test_help_shows_each_default_once(script):
+    done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    text = " ".join(done.stdout.split())                       # argparse wraps lines anywhere
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for flag in [f for f in ("--threads THREADS", "--device DEVICE") if f in text]:  # defaults named in the help
+        entry = text.split("options:")[1].split(flag)[1].split(" --")[0]
+        assert entry.count("default") == 1, (flag, entry)

@@ -20,3 +20,13 @@ def test_dry_run_writes_markdown_and_json(tmp_path):
     assert sec["plain_decoding"]["same_tokens"], "compiled plain decoding must emit eager's tokens"
     md = (tmp_path / "results.md").read_text()
     assert "DRY RUN" in md and "pass cost, compiled" in md and "plain decoding: eager" in md
+
+
+def test_a_spent_budget_skips_every_section_and_says_so(tmp_path):
+    done = subprocess.run(["./gpu_check.sh", str(tmp_path), "--device", "cpu", "--budget", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["sections"] == {} and "tests" in results["out_of_time"]
+    assert "llama-2-7b-shaped (random)" in results["out_of_time"]
+    assert "Out of time (--budget), not run: tests" in (tmp_path / "results.md").read_text()
