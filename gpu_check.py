@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -20,9 +21,9 @@ import time
 import torch
 
 from compiled import Compiled
-from generate import HelpFormatter, Sampler, float_range, generate
-from latency import CONTEXT, _median_time, latency_curve, made_up_accept
-from model import ModelArgs, Transformer
+from generate import HelpFormatter, Sampler, float_range, generate, sync
+from latency import CONTEXT, latency_curve, made_up_accept
+from model import KVCache, ModelArgs, Transformer
 from plan import Plan
 from transfer import HiddenTransfer
 from tree import build_tree
@@ -65,46 +66,69 @@ def random_model(args: ModelArgs, device, dtype) -> Transformer:
     return model.requires_grad_(False)
 
 
+def _paired_times(eager, compiled, device, reps: int) -> tuple:
+    """Median seconds of `eager` and of `compiled`, timed in alternation, one call of each in turn:
+    on a machine whose speed drifts (a shared CPU) both medians then see the same moments."""
+    times = ([], [])
+    for _ in range(reps + 1):  # the first round is a warm-up
+        for fn, out in zip((eager, compiled), times):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - t0)
+    return statistics.median(times[0][1:]), statistics.median(times[1][1:])
+
+
 @torch.no_grad()
 def compiled_curve(model, drafter, sizes, reps, backend, n_ctx=CONTEXT) -> dict:
     """Like latency.latency_curve, through compiled.Compiled: a one-token step, then a pass per tree
-    size (the same trees, every node carrying pseudo tokens: plan.Plan.full)."""
+    size (the same trees, every node carrying pseudo tokens: plan.Plan.full), each timed against the
+    same call made eagerly, in alternation ("eager_ms": the compiled speedup is their ratio)."""
     dev = model.output.weight.device
     c = Compiled(model, drafter, backend=backend)
     cache = c.cache(n_ctx + max(sizes) + 1)
+    eager_cache = KVCache(model.args, 1, cache.max_len, dev, model.output.weight.dtype)
     at, token = torch.tensor([n_ctx], device=dev), torch.ones(1, 1, dtype=torch.long, device=dev)
     mask = torch.ones(1, 1, n_ctx + 1, dtype=torch.bool, device=dev)                 # (1, 1, n_ctx + 1)
     t0 = time.perf_counter()
     c.warm_up(cache.max_len)  # the same bucket as `cache`: compiles the step once
-    step = _median_time(lambda: c(token, at, mask, at, cache), dev, reps)
-    curve = {"n_ctx": n_ctx, "reps": reps, "step_ms": 1000 * step, "rows": []}
+    eager, step = _paired_times(lambda: model(token, at, mask, at, eager_cache),
+                                lambda: c(token, at, mask, at, cache), dev, reps)
+    curve = {"n_ctx": n_ctx, "reps": reps, "step_ms": 1000 * step, "eager_step_ms": 1000 * eager, "rows": []}
     for n in sizes:
         plan = Plan.full(build_tree(made_up_accept(drafter.k), n), drafter.k)
         tree, nodes = plan.tree.to(dev), torch.tensor(plan.nodes, device=dev)
         tokens = torch.ones(1, tree.size, dtype=torch.long, device=dev)
         pos = tree.positions(n_ctx)
 
-        def one():
-            hidden, states = c.tree_pass(model, tokens, pos, tree.mask, n_ctx, cache, nodes, plan.depth)
+        def one(tree_pass, cache):  # a decoding step's model work, as latency.pass_latency times it
+            hidden, states = tree_pass(model, tokens, pos, tree.mask, n_ctx, cache, nodes, plan.depth)
             drafter.step_logits(model, hidden, states)
-        one(), one(), one()  # compile and capture
-        ms = 1000 * _median_time(one, dev, reps)
-        curve["rows"].append({"nodes": n, "ms": ms, "ratio": ms / curve["step_ms"]})
+        for _ in range(3):  # compile and capture
+            one(c.tree_pass, cache)
+        eager, ms = _paired_times(lambda: one(drafter.tree_pass, eager_cache), lambda: one(c.tree_pass, cache),
+                                  dev, reps)
+        curve["rows"].append({"nodes": n, "ms": 1000 * ms, "ratio": ms / step, "eager_ms": 1000 * eager})
     curve["compile_s"] = time.perf_counter() - t0
     return curve
 
 
 @torch.no_grad()
-def plain_speed(model, new_tokens, backend) -> dict:
-    """Plain decoding tokens/s from a 64-token prompt, eager and compiled (no stop token)."""
-    prompt, out = list(range(1, 65)), {}
+def plain_speed(model, new_tokens, backend, rounds: int = 3) -> dict:
+    """Plain decoding tokens/s from a 64-token prompt (no stop token), eager and compiled in
+    alternation, `rounds` generations each: the median of each, and whether they emit the same tokens."""
+    prompt, speeds, tokens = list(range(1, 65)), {"eager": [], "compiled": []}, {}
     c = Compiled(model, backend=backend)
     c.warm_up(len(prompt) + new_tokens)
     generate(model, prompt, 4, Sampler())  # eager warm-up
-    for name, compiled in (("eager", None), ("compiled", c)):
-        g = generate(model, prompt, new_tokens, Sampler(), compiled=compiled)
-        out[name] = {"tokens": len(g.tokens), "decode_tokens_per_s": (len(g.tokens) - 1) / g.decode_s}
-    out["same_tokens"] = generate(model, prompt, new_tokens, Sampler()).tokens == g.tokens
+    for _ in range(rounds):
+        for name, compiled in (("eager", None), ("compiled", c)):
+            g = generate(model, prompt, new_tokens, Sampler(), compiled=compiled)
+            speeds[name].append((len(g.tokens) - 1) / g.decode_s)
+            tokens[name] = g.tokens
+    out = {name: {"tokens": len(tokens[name]), "decode_tokens_per_s": statistics.median(s), "runs": s}
+           for name, s in speeds.items()}
+    out["same_tokens"] = tokens["eager"] == tokens["compiled"]
     return out
 
 
@@ -206,7 +230,7 @@ def main(argv=None):
             sec["compiled"] = compiled_curve(model, drafter, (4,) if dry else (4, 16) if cpu else COMPILED_SIZES,
                                              reps, backend)
         if "plain" not in skip:
-            sec["plain_decoding"] = plain_speed(model, new_tokens, backend)
+            sec["plain_decoding"] = plain_speed(model, new_tokens, backend, rounds=1 if dry else 3)
         say(json.dumps(sec)[:2000])
         save()
         del model, drafter
@@ -265,16 +289,21 @@ def markdown(results: dict) -> str:
                       "```", sec["tail"].strip()[-800:], "```", ""]
             continue
         lines += [f"## {name}", ""]
-        for mode in ("eager", "compiled"):
-            if mode in sec and sec[mode].get("step_ms"):
-                c = sec[mode]
-                rows = ", ".join(f"{r['nodes']} nodes {r['ms']:.2f} ms ({r['ratio']:.2f}x)" for r in c["rows"])
-                lines.append(f"- pass cost, {mode}: one-token step {c['step_ms']:.2f} ms; {rows}"
-                             + (f"; compiling took {c['compile_s']:.0f} s" if "compile_s" in c else ""))
+        if sec.get("eager", {}).get("step_ms"):
+            c = sec["eager"]
+            rows = ", ".join(f"{r['nodes']} nodes {r['ms']:.2f} ms ({r['ratio']:.2f}x)" for r in c["rows"])
+            lines.append(f"- pass cost, eager: one-token step {c['step_ms']:.2f} ms; {rows}")
+        if "compiled" in sec:  # each compiled time beside the same call made eagerly, in alternation
+            c = sec["compiled"]
+            rows = ", ".join(f"{r['nodes']} nodes {r['ms']:.2f} ms ({r['ratio']:.2f}x; eager {r['eager_ms']:.2f})"
+                             for r in c["rows"])
+            lines.append(f"- pass cost, compiled (eager timed in alternation): one-token step {c['step_ms']:.2f} ms "
+                         f"(eager {c['eager_step_ms']:.2f}); {rows}; compiling took {c['compile_s']:.0f} s")
         if "plain_decoding" in sec:
             p = sec["plain_decoding"]
-            lines.append(f"- plain decoding: eager {p['eager']['decode_tokens_per_s']:.1f} tokens/s, compiled "
-                         f"{p['compiled']['decode_tokens_per_s']:.1f} tokens/s, same tokens: {p['same_tokens']}")
+            e, c = p["eager"]["decode_tokens_per_s"], p["compiled"]["decode_tokens_per_s"]
+            lines.append(f"- plain decoding, median of {len(p['eager']['runs'])} in alternation: eager {e:.1f} "
+                         f"tokens/s, compiled {c:.1f} tokens/s ({c / e:.2f}x), same tokens: {p['same_tokens']}")
         lines.append("")
     return "\n".join(lines)
 
