@@ -21,8 +21,8 @@ import time
 import torch
 
 from compiled import Compiled
-from generate import HelpFormatter, Sampler, float_range, generate, sync
-from latency import CONTEXT, latency_curve, made_up_accept
+from generate import HelpFormatter, Sampler, float_range, generate
+from latency import CONTEXT, latency_curve, made_up_accept, paired_times
 from model import KVCache, ModelArgs, Transformer
 from plan import Plan
 from transfer import HiddenTransfer
@@ -66,19 +66,6 @@ def random_model(args: ModelArgs, device, dtype) -> Transformer:
     return model.requires_grad_(False)
 
 
-def _paired_times(eager, compiled, device, reps: int) -> tuple:
-    """Median seconds of `eager` and of `compiled`, timed in alternation, one call of each in turn:
-    on a machine whose speed drifts (a shared CPU) both medians then see the same moments."""
-    times = ([], [])
-    for _ in range(reps + 1):  # the first round is a warm-up
-        for fn, out in zip((eager, compiled), times):
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            out.append(time.perf_counter() - t0)
-    return statistics.median(times[0][1:]), statistics.median(times[1][1:])
-
-
 @torch.no_grad()
 def compiled_curve(model, drafter, sizes, reps, backend, n_ctx=CONTEXT) -> dict:
     """Like latency.latency_curve, through compiled.Compiled: a one-token step, then a pass per tree
@@ -92,7 +79,7 @@ def compiled_curve(model, drafter, sizes, reps, backend, n_ctx=CONTEXT) -> dict:
     mask = torch.ones(1, 1, n_ctx + 1, dtype=torch.bool, device=dev)                 # (1, 1, n_ctx + 1)
     t0 = time.perf_counter()
     c.warm_up(cache.max_len)  # the same bucket as `cache`: compiles the step once
-    eager, step = _paired_times(lambda: model(token, at, mask, at, eager_cache),
+    eager, step = paired_times(lambda: model(token, at, mask, at, eager_cache),
                                 lambda: c(token, at, mask, at, cache), dev, reps)
     curve = {"n_ctx": n_ctx, "reps": reps, "step_ms": 1000 * step, "eager_step_ms": 1000 * eager, "rows": []}
     for n in sizes:
@@ -106,7 +93,7 @@ def compiled_curve(model, drafter, sizes, reps, backend, n_ctx=CONTEXT) -> dict:
             drafter.step_logits(model, hidden, states)
         for _ in range(3):  # compile and capture
             one(c.tree_pass, cache)
-        eager, ms = _paired_times(lambda: one(drafter.tree_pass, eager_cache), lambda: one(c.tree_pass, cache),
+        eager, ms = paired_times(lambda: one(drafter.tree_pass, eager_cache), lambda: one(c.tree_pass, cache),
                                   dev, reps)
         curve["rows"].append({"nodes": n, "ms": 1000 * ms, "ratio": ms / step, "eager_ms": 1000 * eager})
     curve["compile_s"] = time.perf_counter() - t0

@@ -3,7 +3,9 @@
 A tree of N nodes buys expected tau tokens per pass (tree.expected_tau) but a pass over N nodes,
 plus k pseudo tokens per node, is slower than plain decoding's one-token step; the speedup a tree
 can give is tau / (pass time / step time) (METHOD.md, "Metrics"). bench.py --latency prints this
-curve; train.py and analysis.py --select-tree choose their tree from it (select_tree).
+curve; train.py and analysis.py --select-tree choose their plan by it (select_plan), each pass
+timed in alternation with a one-token step (paired_times), so that a drifting machine cannot
+favour the plans timed at its fast moments.
 Read next: hf_baseline.py.
 """
 
@@ -32,9 +34,21 @@ def _median_time(fn, device, reps: int) -> float:
     return statistics.median(times[1:])
 
 
-@torch.no_grad()
-def pass_latency(model, drafter, plan: Plan | Tree, n_ctx: int = CONTEXT, reps: int = REPS) -> float:
-    """Median seconds of one decoding step's model work with `plan` (a bare Tree: plan.Plan.full)
+def paired_times(first, second, device, reps: int) -> tuple:
+    """Median seconds of `first` and of `second`, timed in alternation, one call of each in turn: on
+    a machine whose speed drifts (a shared CPU) both medians see the same moments, so their ratio holds."""
+    times = ([], [])
+    for _ in range(reps + 1):  # the first round is a warm-up
+        for fn, out in zip((first, second), times):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - t0)
+    return statistics.median(times[0][1:]), statistics.median(times[1][1:])
+
+
+def tree_step(model, drafter, plan: Plan | Tree, n_ctx: int = CONTEXT):
+    """A function running one decoding step's model work with `plan` (a bare Tree: plan.Plan.full)
     after n_ctx cached tokens, as in decode.generate_tree: drafter.tree_pass with the plan's pseudo
     tokens, then drafter.step_logits (the verifying and the draft logits). The cache holds zeros:
     its values do not change the cost."""
@@ -44,21 +58,31 @@ def pass_latency(model, drafter, plan: Plan | Tree, n_ctx: int = CONTEXT, reps: 
     tokens = torch.randint(model.args.vocab_size, (1, plan.tree.size), device=w.device)
     tree, nodes = plan.tree.to(w.device), torch.tensor(plan.nodes, device=w.device)
 
+    @torch.no_grad()
     def step():
         hidden, states = drafter.tree_pass(model, tokens, tree.positions(n_ctx), tree.mask, n_ctx, cache,
                                            nodes=nodes, depth=plan.depth)
         drafter.step_logits(model, hidden, states)
-    return _median_time(step, w.device, reps)
+    return step
 
 
-@torch.no_grad()
-def step_latency(model, n_ctx: int = CONTEXT, reps: int = REPS) -> float:
-    """Median seconds of one plain decoding step after n_ctx cached tokens: one token, all layers, head."""
+def plain_step(model, n_ctx: int = CONTEXT):
+    """A function running one plain decoding step after n_ctx cached tokens: one token, all layers, head."""
     w = model.output.weight
     cache = KVCache(model.args, 1, n_ctx + 1, w.device, w.dtype)
     token, at = torch.tensor([[1]], device=w.device), torch.tensor([n_ctx], device=w.device)
     mask = torch.ones(1, 1, n_ctx + 1, dtype=torch.bool, device=w.device)  # (1, 1, n_ctx + 1)
-    return _median_time(lambda: model(token, at, mask, at, cache), w.device, reps)
+    return torch.no_grad()(lambda: model(token, at, mask, at, cache))
+
+
+def pass_latency(model, drafter, plan: Plan | Tree, n_ctx: int = CONTEXT, reps: int = REPS) -> float:
+    """Median seconds of tree_step(model, drafter, plan, n_ctx)."""
+    return _median_time(tree_step(model, drafter, plan, n_ctx), model.output.weight.device, reps)
+
+
+def step_latency(model, n_ctx: int = CONTEXT, reps: int = REPS) -> float:
+    """Median seconds of plain_step(model, n_ctx)."""
+    return _median_time(plain_step(model, n_ctx), model.output.weight.device, reps)
 
 
 def made_up_accept(k: int, top_r: int = 8) -> list:
@@ -104,10 +128,17 @@ def latency_report(name: str, curve: dict) -> str:
 def select_plan(model, drafter, accept, sizes, n_ctx: int = CONTEXT, reps: int = REPS):
     """The decoding plan (tree shape, which nodes carry pseudo tokens, how many) with the most
     expected tokens per second on this machine: plan.choose_plan under the measured `accept` rates,
-    every pass shape timed here. Prints the best plan of each size; returns (plan, table), table
+    every pass shape timed here against a one-token step in alternation. Prints the best plan of each size; returns (plan, table), table
     {"step_ms", "rows": [{"nodes", "plan", "tau", "ms", "ratio", "speedup"}]}, best per size."""
-    step_ms = 1000 * step_latency(model, n_ctx, reps)
-    best, rows = choose_plan(accept, sizes, drafter.k, lambda p: pass_latency(model, drafter, p, n_ctx, reps))
+    dev, step = model.output.weight.device, plain_step(model, n_ctx)
+    step_s = _median_time(step, dev, reps)
+
+    def cost(plan):  # timed in alternation with a one-token step, then put at step_s's speed: plans
+        # timed minutes apart on a machine whose speed drifts are then ranked by their ratio to a step
+        pass_s, step_now_s = paired_times(tree_step(model, drafter, plan, n_ctx), step, dev, reps)
+        return pass_s / step_now_s * step_s
+    best, rows = choose_plan(accept, sizes, drafter.k, cost)
+    step_ms = 1000 * step_s
     table = {"n_ctx": n_ctx, "reps": reps, "step_ms": step_ms, "rows": []}
     for n in dict.fromkeys(p.tree.size for p, _, _ in rows):
         p, tau, s = max((r for r in rows if r[0].tree.size == n), key=lambda r: r[1] / r[2])

@@ -12,7 +12,8 @@ import bench
 from checkpoint import save_checkpoint
 from conftest import FakeTokenizer, tiny
 from generate import Generation
-from latency import latency_curve, latency_report, pass_latency, step_latency
+import latency
+from latency import latency_curve, latency_report, paired_times, pass_latency, step_latency
 from medusa import Medusa
 from model import ModelArgs, Transformer
 from transfer import HiddenTransfer
@@ -138,6 +139,27 @@ def test_plain_is_required():
 
 
 # ----------------------------------------------------------------------------- latency
+
+def test_paired_times_alternate_the_two_calls_so_drift_cancels(monkeypatch):
+    """select_plan and gpu_check time a pass against a step in alternation: on a machine slowing down
+    call by call (a made-up clock: the pass costs 2 units, the step 1, both x the slowdown) the two
+    medians slow alike and their ratio stays near 2; timed one after the other it does not."""
+    now, slowdown, calls = [0.0], [1.0], []
+
+    def call(name, units):
+        def fn():
+            calls.append(name)
+            now[0] += units * slowdown[0]
+            slowdown[0] *= 1.05  # 5% slower at every call
+        return fn
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: now[0])
+    pass_s, step_s = paired_times(call("pass", 2), call("step", 1), torch.device("cpu"), reps=4)
+    assert calls == ["pass", "step"] * 5  # a warm-up round, then 4
+    assert abs(pass_s / step_s - 2 / 1.05) < 1e-9  # each pass timed one call before its step
+    sequential = latency._median_time(call("pass", 2), torch.device("cpu"), 4) / \
+        latency._median_time(call("step", 1), torch.device("cpu"), 4)
+    assert abs(sequential - 2 / 1.05 ** 5) < 1e-9   # the steps, timed five calls later, look dearer
+
 
 def test_latency_curve_and_report():
     model = tiny()
