@@ -22,8 +22,8 @@ import torch
 
 from compiled import Compiled
 from generate import HelpFormatter, Sampler, float_range, generate
-from latency import CONTEXT, latency_curve, made_up_accept, paired_times
-from model import KVCache, ModelArgs, Transformer
+from latency import CONTEXT, latency_curve, made_up_accept, paired_times, plain_step, tree_step
+from model import ModelArgs, Transformer
 from plan import Plan
 from transfer import HiddenTransfer
 from tree import build_tree
@@ -74,27 +74,18 @@ def compiled_curve(model, drafter, sizes, reps, backend, n_ctx=CONTEXT) -> dict:
     dev = model.output.weight.device
     c = Compiled(model, drafter, backend=backend)
     cache = c.cache(n_ctx + max(sizes) + 1)
-    eager_cache = KVCache(model.args, 1, cache.max_len, dev, model.output.weight.dtype)
     at, token = torch.tensor([n_ctx], device=dev), torch.ones(1, 1, dtype=torch.long, device=dev)
     mask = torch.ones(1, 1, n_ctx + 1, dtype=torch.bool, device=dev)                 # (1, 1, n_ctx + 1)
     t0 = time.perf_counter()
     c.warm_up(cache.max_len)  # the same bucket as `cache`: compiles the step once
-    eager, step = paired_times(lambda: model(token, at, mask, at, eager_cache),
-                                lambda: c(token, at, mask, at, cache), dev, reps)
+    eager, step = paired_times(plain_step(model, n_ctx), lambda: c(token, at, mask, at, cache), dev, reps)
     curve = {"n_ctx": n_ctx, "reps": reps, "step_ms": 1000 * step, "eager_step_ms": 1000 * eager, "rows": []}
     for n in sizes:
         plan = Plan.full(build_tree(made_up_accept(drafter.k), n), drafter.k)
-        tree, nodes = plan.tree.to(dev), torch.tensor(plan.nodes, device=dev)
-        tokens = torch.ones(1, tree.size, dtype=torch.long, device=dev)
-        pos = tree.positions(n_ctx)
-
-        def one(tree_pass, cache):  # a decoding step's model work, as latency.pass_latency times it
-            hidden, states = tree_pass(model, tokens, pos, tree.mask, n_ctx, cache, nodes, plan.depth)
-            drafter.step_logits(model, hidden, states)
+        compiled = tree_step(model, drafter, plan, n_ctx, tree_pass=c.tree_pass, cache=cache)
         for _ in range(3):  # compile and capture
-            one(c.tree_pass, cache)
-        eager, ms = paired_times(lambda: one(drafter.tree_pass, eager_cache), lambda: one(c.tree_pass, cache),
-                                  dev, reps)
+            compiled()
+        eager, ms = paired_times(tree_step(model, drafter, plan, n_ctx), compiled, dev, reps)
         curve["rows"].append({"nodes": n, "ms": 1000 * ms, "ratio": ms / step, "eager_ms": 1000 * eager})
     curve["compile_s"] = time.perf_counter() - t0
     return curve

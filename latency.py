@@ -47,21 +47,23 @@ def paired_times(first, second, device, reps: int) -> tuple:
     return statistics.median(times[0][1:]), statistics.median(times[1][1:])
 
 
-def tree_step(model, drafter, plan: Plan | Tree, n_ctx: int = CONTEXT):
+def tree_step(model, drafter, plan: Plan | Tree, n_ctx: int = CONTEXT, tree_pass=None, cache=None):
     """A function running one decoding step's model work with `plan` (a bare Tree: plan.Plan.full)
     after n_ctx cached tokens, as in decode.generate_tree: drafter.tree_pass with the plan's pseudo
     tokens, then drafter.step_logits (the verifying and the draft logits). The cache holds zeros:
-    its values do not change the cost."""
+    its values do not change the cost. gpu_check passes a compiled.Compiled's tree_pass and cache."""
     plan = plan if isinstance(plan, Plan) else Plan.full(plan, drafter.k)
     w = model.output.weight
-    cache = KVCache(model.args, 1, n_ctx + plan.tree.size, w.device, w.dtype)
+    tree_pass = tree_pass or drafter.tree_pass
+    if cache is None:
+        cache = KVCache(model.args, 1, n_ctx + plan.tree.size, w.device, w.dtype)
     tokens = torch.randint(model.args.vocab_size, (1, plan.tree.size), device=w.device)
     tree, nodes = plan.tree.to(w.device), torch.tensor(plan.nodes, device=w.device)
 
     @torch.no_grad()
     def step():
-        hidden, states = drafter.tree_pass(model, tokens, tree.positions(n_ctx), tree.mask, n_ctx, cache,
-                                           nodes=nodes, depth=plan.depth)
+        hidden, states = tree_pass(model, tokens, tree.positions(n_ctx), tree.mask, n_ctx, cache,
+                                   nodes=nodes, depth=plan.depth)
         drafter.step_logits(model, hidden, states)
     return step
 
@@ -72,7 +74,11 @@ def plain_step(model, n_ctx: int = CONTEXT):
     cache = KVCache(model.args, 1, n_ctx + 1, w.device, w.dtype)
     token, at = torch.tensor([[1]], device=w.device), torch.tensor([n_ctx], device=w.device)
     mask = torch.ones(1, 1, n_ctx + 1, dtype=torch.bool, device=w.device)  # (1, 1, n_ctx + 1)
-    return torch.no_grad()(lambda: model(token, at, mask, at, cache))
+
+    @torch.no_grad()
+    def step():
+        model(token, at, mask, at, cache)
+    return step
 
 
 def pass_latency(model, drafter, plan: Plan | Tree, n_ctx: int = CONTEXT, reps: int = REPS) -> float:
@@ -128,8 +134,9 @@ def latency_report(name: str, curve: dict) -> str:
 def select_plan(model, drafter, accept, sizes, n_ctx: int = CONTEXT, reps: int = REPS):
     """The decoding plan (tree shape, which nodes carry pseudo tokens, how many) with the most
     expected tokens per second on this machine: plan.choose_plan under the measured `accept` rates,
-    every pass shape timed here against a one-token step in alternation. Prints the best plan of each size; returns (plan, table), table
-    {"step_ms", "rows": [{"nodes", "plan", "tau", "ms", "ratio", "speedup"}]}, best per size."""
+    every pass shape timed here in alternation with a one-token step. Prints the best plan of each
+    size; returns (plan, table), table {"step_ms", "rows": [{"nodes", "plan", "tau", "ms", "ratio",
+    "speedup"}]}, best per size."""
     dev, step = model.output.weight.device, plain_step(model, n_ctx)
     step_s = _median_time(step, dev, reps)
 
