@@ -2,7 +2,8 @@
 machine, same run (METHOD.md, "Metrics" and "Baselines"). Methods take turns prompt by prompt, so
 drift of a shared machine hits all alike; every output is checked against plain decoding's.
 `--latency` instead measures what one verification pass costs against a one-token step, per tree
-size (latency.py). Last in the reading order: it times decode.py with train.py's checkpoints.
+size (tools/latency.py). Last in the reading order: it times decode.py with train.py's checkpoints;
+`python tools/results.py` turns its JSON into docs/RESULTS.md.
 
     python bench.py                     # needs checkpoints/transfer.pt and checkpoints/medusa.pt
     python bench.py --methods plain,transfer --untrained --prompts 2 --max-new-tokens 32   # smoke run
@@ -21,15 +22,16 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import DRAFTERS, default_checkpoint, load_drafter, open_checkpoint, save_atomic, train_command
-from compiled import Compiled
+from cli import (DTYPES, HelpFormatter, add_common_args, check_common_args, describe_machine, fit_context, int_range,
+                 load, run_main)
 from data import pick_mtbench, read_mtbench
 from decode import generate_tree
-from generate import (DTYPES, Generation, HelpFormatter, Sampler, add_common_args, check_common_args,
-                      describe_machine, fit_context, generate, int_range, load, run_main)
-from latency import latency_curve, latency_report
-import ties
+from generate import Generation, Sampler, generate
 from plan import Plan
-from tree import Tree
+from tools import kernels, ties
+from tools.compiled import Compiled
+from tools.latency import latency_curve, latency_report
+from tree import SHAPES, Tree
 
 # ----------------------------------------------------------------------------- defaults, in one place
 PROMPTS = 8              # one MT-Bench question per category (pick_mtbench goes round-robin)
@@ -121,7 +123,7 @@ def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, tem
     prompts: [(category, [user turn 1, user turn 2, ...])]; turn 2 follows plain decoding's own
     answer to turn 1, as MT-Bench does, so every method sees the same second prompt.
     Ctrl-C stops early: the results then hold every prompt that all methods finished. A prompt
-    too long for the model's context raises ValueError (generate.fit_context), or loses its first
+    too long for the model's context raises ValueError (cli.fit_context), or loses its first
     tokens with truncate="left"; first turns are checked before anything runs.
     compile: every method's decoding steps run compiled (compiled.py), plain decoding's too.
     """
@@ -248,6 +250,7 @@ def load_drafters(model, args, found: dict) -> dict:
     for name in [m for m in args.methods if m != "plain"]:
         path, ckpt = found.get(name, (None, {}))
         drafter, plan, _ = load_drafter(model, path, name, untrained=args.untrained)
+        kernels.apply(drafter)
         if args.tree:  # one tree for every drafter, pseudo tokens sized to it: like for like
             try:
                 plan = Plan.full(Tree.parse(args.tree, k=drafter.k), drafter.k)
@@ -275,11 +278,13 @@ def parse_args(argv=None):
     p.add_argument("--untrained", action="store_true",
                    help="smoke run: identity projections and zero Medusa heads instead of checkpoints")
     p.add_argument("--tree", default=None,
-                   help="tree for every drafter, e.g. '0;1;0,0' or 'chain', every node with pseudo tokens "
-                        "for the tree's depth (default: each checkpoint's own plan)")
+                   help="tree for every drafter, every node with pseudo tokens for the tree's depth: a name "
+                        "(" + ", ".join(["chain", *SHAPES]) + ") or paths such as '0;1;0,0' (default: each "
+                        "checkpoint's own plan)")
     p.add_argument("--mtbench", default=None, help="MT-Bench question.jsonl (default: the installed one)")
     p.add_argument("--latency", action="store_true",
-                   help="measure pass time against tree size instead of running MT-Bench")
+                   help="measure pass time against tree size instead of running MT-Bench "
+                        "(save it with --out, e.g. runs/latency.json, for tools/results.py)")
     p.add_argument("--out", default="results.json", help="where the results are saved as JSON")
     args = p.parse_args(argv)
     args.methods_given = args.methods is not None

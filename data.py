@@ -236,30 +236,38 @@ def pick_mtbench(questions: list[dict], n: int) -> list[dict]:
 
 def encode_conversations(tok, conversations: list, seq_len: int, min_assistant_tokens: int = 16,
                          max_windows: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Cut chat-formatted conversations into windows of exactly seq_len tokens.
+    """Chat-format conversations (tok.encode_chat) and cut them into windows (pack_windows)."""
+    def pairs():
+        for messages in tqdm(conversations, desc="tokenising", unit="conv", leave=False,
+                             disable=len(conversations) < 200):
+            yield tok.encode_chat(messages, add_generation_prompt=False)
+    return pack_windows(pairs(), seq_len, min_assistant_tokens, max_windows)
 
-    The choice: every conversation is formatted with tok.encode_chat and laid end to end in one
-    token stream, which is cut into consecutive windows of seq_len, as GPT pretraining packs
-    documents. So a long conversation spans several windows, short ones share a window, nothing
-    is padded, and only the stream's final partial window is dropped. A window may start
-    mid-conversation; that is harmless here because the frozen teacher sees the same window as
+
+def pack_windows(pairs, seq_len: int, min_assistant_tokens: int = 16,
+                 max_windows: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Cut (ids, assistant mask) sequences into windows of exactly seq_len tokens.
+
+    The choice: the sequences (formatted conversations, or prompts with the model's own replies)
+    are laid end to end in one token stream, which is cut into consecutive windows of seq_len, as
+    GPT pretraining packs documents. So a long conversation spans several windows, short ones share
+    a window, nothing is padded, and only the stream's final partial window is dropped. A window may
+    start mid-conversation; that is harmless here because the frozen teacher sees the same window as
     the pseudo tokens, so its distributions are still the right targets for them.
 
         stream  [conv 1 .......][conv 2 ..][conv 3 ..........................][conv 4 ..
         windows |<- seq_len ->|<- seq_len ->|<- seq_len ->|<- seq_len ->|      (tail dropped)
 
     Windows with fewer than min_assistant_tokens assistant tokens (mostly user text) are
-    dropped: training positions are drawn from assistant tokens. Tokenising stops once
+    dropped: training positions are drawn from assistant tokens. Packing stops once
     max_windows windows are kept. Returns [(ids (seq_len,) long, assistant_mask (seq_len,) bool)].
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}; pass e.g. --seq-len 256.")
     windows, ids, mask = [], [], []
-    for messages in tqdm(conversations, desc="tokenising", unit="conv", leave=False,
-                         disable=len(conversations) < 200):
-        conv_ids, conv_mask = tok.encode_chat(messages, add_generation_prompt=False)
+    for conv_ids, conv_mask in pairs:
         if len(conv_ids) != len(conv_mask):
-            raise ValueError("tok.encode_chat returned ids and a mask of different lengths; "
+            raise ValueError("a sequence has ids and an assistant mask of different lengths; "
                              "fix the tokenizer's encode_chat.")
         ids.extend(conv_ids)
         mask.extend(conv_mask)
@@ -276,8 +284,9 @@ def encode_conversations(tok, conversations: list, seq_len: int, min_assistant_t
 
 
 def batches(sequences: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int, seed: int,
-            start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (ids (B, T), assistant_mask (B, T)) batches, reshuffled every epoch.
+            start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Endless (indices (B,), ids (B, T), assistant_mask (B, T)) batches, reshuffled every epoch;
+    indices say which of `sequences` the rows are (train.py reuses each window's frozen pass by it).
 
     The stream depends only on seed; start_step=s resumes it at batch s (the same batches as
     skipping s of a fresh stream) without building the skipped ones. An epoch's last partial
@@ -296,7 +305,7 @@ def batches(sequences: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int,
         for b in range(per_epoch):
             if step >= start_step:
                 idx = order[b * batch_size:(b + 1) * batch_size]
-                yield ids[idx], mask[idx]
+                yield idx, ids[idx], mask[idx]
             step += 1
 
 

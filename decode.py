@@ -4,10 +4,11 @@ METHOD.md, "One decoding step": the drafts of the last accepted token fill a tok
 verifies every node (ancestor mask) and, through pseudo tokens, drafts the next step; the
 acceptance walk keeps exactly the tokens the model alone would emit; the KV cache keeps only the
 accepted path. Any drafter.Drafter drafts (transfer.py's HiddenTransfer, medusa.py's Medusa):
-only how drafts are made differs. Read next: medusa.py, the baseline drafter.
+only how drafts are made differs. Read next: medusa.py, the baseline drafter, then train.py.
 
     python decode.py --prompt "Write a haiku about autumn." --check
-    python decode.py --drafter medusa          # checkpoints/medusa.pt, from train.py --drafter medusa
+    python decode.py --show                     # every token marked: drafted, or the model's own
+    python decode.py --drafter medusa           # checkpoints/medusa.pt, from train.py --drafter medusa
 """
 
 import argparse
@@ -17,11 +18,14 @@ import time
 import torch
 
 from checkpoint import DRAFTERS, load_drafter, open_checkpoint
-from generate import (Generation, HelpFormatter, Sampler, add_common_args, check_common_args, compiled_for,
-                      describe_machine, encode_prompt, fit_context, generate, load, run_main, sync)
+from cli import (HelpFormatter, add_common_args, check_common_args, describe_machine, encode_prompt, fit_context,
+                 load, run_main)
+from generate import Generation, Sampler, generate, sync
 from model import KVCache
 from plan import Plan
-from tree import Tree
+from tools import kernels
+from tools.compiled import compiled_for
+from tree import SHAPES, Tree
 
 
 def accept(children, node_tokens, choose, budget: int, stop_ids=()):
@@ -47,6 +51,14 @@ def accept(children, node_tokens, choose, budget: int, stop_ids=()):
         path.append(v)
 
 
+def next_drafts(run: Plan, path: list, node_drafts: torch.Tensor) -> torch.Tensor:
+    """The next step's drafts (a, V): the pseudo tokens of the last accepted node, or of its deepest
+    accepted ancestor that carries some, shifted (plan.Plan.source); none left (0, V): the next step
+    verifies the root alone."""
+    row, shift, avail = run.source(path)
+    return node_drafts[row, shift:shift + avail] if avail else node_drafts.new_zeros(0, node_drafts.shape[-1])
+
+
 @torch.no_grad()
 def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_tokens: int, sampler: Sampler,
                   stop_ids=(), on_token=None, on_step=None, compiled=None) -> Generation:
@@ -54,86 +66,102 @@ def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_token
 
     plan: a plan.Plan (a tree, which nodes carry pseudo tokens and how many), or a bare Tree, which
     gets plan.Plan.full: every node carries as many pseudo tokens as the tree is deep.
-    on_step(cache, n), if given, is called after every step with the cache and the number of
-    accepted tokens it holds (the tests check the cache against a fresh prefill there).
-    compiled: a compiled.Compiled of this model and drafter: the steps run compiled (the same tokens).
+    on_token(ids) is called once per pass with the tokens it emitted: the drafts it accepted, then
+    the model's own token. on_step(cache, n), if given, is called after every step with the cache
+    and the number of accepted tokens it holds (the tests check the cache against a fresh prefill).
+    compiled: a tools/compiled.Compiled of this model and drafter: the steps run compiled (the same
+    tokens).
     """
     plan = plan if isinstance(plan, Plan) else Plan.full(plan, drafter.k)
     if max(plan.tree.depth, plan.depth) > drafter.k:
         raise ValueError(f"the plan reads {max(plan.tree.depth, plan.depth)} drafts but the drafter "
                          f"drafts only {drafter.k}")
     fit_context(model, prompt, max_new_tokens, plan.tree.size)  # the last pass holds a whole tree
-    dev = model.output.weight.device
-    runs = {}  # drafts available -> (the plan cut to them, its tree and nodes on the device)
-
-    def run_for(avail: int):
-        if avail not in runs:
-            run = plan.cut(min(plan.tree.depth, avail))
-            runs[avail] = run, run.tree.to(dev), torch.tensor(run.nodes, device=dev)
-        return runs[avail]
-
+    dev, dtype = model.output.weight.device, model.output.weight.dtype
     n, need = len(prompt), len(prompt) + max_new_tokens + plan.tree.size
-    cache = compiled.cache(need) if compiled else KVCache(model.args, 1, need, dev, model.output.weight.dtype)
-    step = compiled.tree_pass if compiled else drafter.tree_pass  # the prefill below stays eager
-    out = Generation()
-    t0 = time.perf_counter()
+    cache = compiled.cache(need) if compiled else KVCache(model.args, 1, need, dev, dtype)
+    tree_pass = compiled.tree_pass if compiled else drafter.tree_pass  # the prefill stays eager
+    cuts = {}  # drafts available -> the plan cut to them, its tree and nodes on the device
 
+    def cut(avail: int):
+        if avail not in cuts:
+            run = plan.cut(min(plan.tree.depth, avail))
+            cuts[avail] = run, run.tree.to(dev), torch.tensor(run.nodes, device=dev)
+        return cuts[avail]
+
+    out, t0 = Generation(), time.perf_counter()
     # Prefill: the prompt is a chain (causal mask) whose last token alone gets pseudo tokens.
     causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
     hidden, states = drafter.tree_pass(model, torch.tensor([prompt], device=dev),
                                        torch.arange(n, device=dev), causal, 0, cache,
                                        nodes=torch.tensor([n - 1], device=dev), depth=plan.depth)
     logits, drafts = drafter.step_logits(model, hidden[-1:], states)  # (1, V), (1, depth, V)
-    root = sampler(logits[0])
+    root, drafts = sampler(logits[0]), drafts[0]                    # drafts: q_1.. for positions n+1..
     out.tokens.append(root)
     if on_token:
         on_token([root])
-    drafts = drafts[0]  # (depth, V): q_1.., for positions n+1..
     sync(dev)
     t1 = time.perf_counter()
     out.prefill_s = t1 - t0
     done = root in stop_ids or max_new_tokens == 1
 
     while not done:
-        # 1. The tree, cut to the drafts there are: the root is the token just emitted, at position
-        #    n; the other nodes are ranked draft tokens (none at all: the root is verified alone).
-        run, tree, nodes = run_for(len(drafts))
-        top = drafts[:tree.depth].topk(tree.top_r, dim=-1).indices    # (depth, top_r)
-        tokens = tree.tokens(root, top)                                # (N,)
-        # 2. One pass verifies every node and drafts from the pseudo tokens of the plan's nodes.
-        hidden, states = step(model, tokens[None], tree.positions(n), tree.mask, n, cache,
-                              nodes=nodes, depth=run.depth)
+        # 1. Draft: the tree, cut to the drafts there are; the root is the token just emitted, at
+        #    position n, the other nodes are ranked draft tokens (no drafts: the root alone).
+        run, tree, nodes = cut(len(drafts))
+        tokens = tree.tokens(root, drafts[:tree.depth].topk(tree.top_r, dim=-1).indices)  # (N,)
+        # 2. Verify, and draft the next step: one pass over the nodes and the plan's pseudo tokens.
+        hidden, states = tree_pass(model, tokens[None], tree.positions(n), tree.mask, n, cache,
+                                   nodes=nodes, depth=run.depth)
         logits, node_drafts = drafter.step_logits(model, hidden, states)  # (N, V), (len(nodes), depth, V)
-        # 3. Accept.
+        # 3. Accept: the walk keeps the tokens the model itself chooses.
         path, emitted = accept(tree.children, tokens.tolist(), lambda v: sampler(logits[v]),
                                max_new_tokens - len(out.tokens), stop_ids)
         out.tokens += emitted
         out.accepted.append(len(path) - 1)
         if on_token:
             on_token(emitted)
-        done = emitted[-1] in stop_ids or len(out.tokens) >= max_new_tokens
-        # 4. Keep the accepted path's K/V, moved to contiguous slots n..n+depth.
-        path_t = torch.tensor(path, device=dev)
-        cache.move(tree.slots(n)[path_t], n + torch.arange(len(path), device=dev))
-        n += len(path)
-        root = emitted[-1]
+        # 4. Compact: the accepted path's K/V move to contiguous slots n..n+depth; the rest is dropped.
+        cache.move(tree.slots(n)[torch.tensor(path, device=dev)], n + torch.arange(len(path), device=dev))
+        n, root = n + len(path), emitted[-1]
         if on_step:
             on_step(cache, n)
-        # 5. The next drafts: the pseudo tokens of the last accepted node, or of its deepest
-        #    ancestor that carries some, shifted (plan.py); none left: a root-only step follows.
-        if not done:
-            row, shift, avail = run.source(path)
-            drafts = node_drafts[row, shift:] if avail else logits.new_zeros(0, logits.shape[-1])
+        done = emitted[-1] in stop_ids or len(out.tokens) >= max_new_tokens
+        # 5. The next drafts, from the pseudo tokens the walk ended on (plan.py says which).
+        drafts = next_drafts(run, path, node_drafts)
     sync(dev)
     out.decode_s = time.perf_counter() - t1
     return out
 
 
-# ----------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- seeing it work
+
+class Shower:
+    """`--show`: the tokens of each pass as on_token receives them, the accepted drafts marked: green
+    on a terminal, in [brackets] when piped. Stop tokens are not shown."""
+
+    def __init__(self, tok, color: bool):
+        self.tok, self.stream, self.color = tok, tok.stream(), color
+
+    def __call__(self, ids):
+        for group, drafted in ((ids[:-1], True), (ids[-1:], False)):  # accepted drafts, the model's own
+            text = self.stream.push([i for i in group if i not in self.tok.stop_ids])
+            if text and drafted:
+                text = f"\033[32m{text}\033[0m" if self.color else f"[{text}]"
+            print(text, end="", flush=True)
+
+    def summary(self, out: Generation) -> str:
+        mark = "green" if self.color else "[in brackets]"
+        mean = sum(out.accepted) / max(out.passes, 1)
+        return (f"\n\n{mark}: drafts a pass verified and accepted; the rest: the token the model itself "
+                f"emitted at the end of each pass (and after the prompt)\n"
+                f"accepted drafts per pass: {' '.join(map(str, out.accepted))}\n"
+                f"tau = tokens per pass = 1 + {mean:.2f} accepted on average = {out.tau:.2f}, over "
+                f"{out.passes} passes")
+
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_common_args(parser)
     parser.add_argument("--drafter", default=None, choices=list(DRAFTERS),
                         help="the drafter kind (default: whatever the checkpoint holds; transfer when "
@@ -142,14 +170,17 @@ def main(argv=None):
                         help="drafter checkpoint from train.py (default: checkpoints/<drafter>.pt; when "
                              "that does not exist yet, an untrained drafter, with a note)")
     parser.add_argument("--tree", default=None,
-                        help="tree paths, e.g. '0;1;0,0' (ranks separated by ',', paths by ';'), or "
-                             "'chain'; every node then carries pseudo tokens for the tree's depth "
-                             "(default: the plan stored in the checkpoint, else a chain)")
+                        help="a tree for this run, every node carrying pseudo tokens for the tree's depth: "
+                             "a name (" + ", ".join(["chain", *SHAPES]) + ") or paths such as "
+                             "'0;1;0,0' (ranks split by ',', paths by ';'); default: the checkpoint's plan")
     parser.add_argument("--untrained", action="store_true",
                         help="no checkpoint: an untrained drafter (identity projection, zero heads): "
                              "lossless, but drafts poorly")
     parser.add_argument("--check", action="store_true",
                         help="also run plain decoding and report whether the outputs are identical")
+    parser.add_argument("--show", action="store_true",
+                        help="mark every token: a draft the pass accepted, or the model's own; then the "
+                             "drafts accepted per pass and tau")
     args = parser.parse_args(argv)
     check_common_args(args)
     try:
@@ -159,6 +190,7 @@ def main(argv=None):
         drafter, plan, note = load_drafter(model, args.drafter_checkpoint, args.drafter, args.untrained)
     except ValueError as e:  # checkpoint.CheckpointError: one line naming the file
         sys.exit(f"error: {e}")
+    kernels.apply(drafter)
     print(note, file=sys.stderr)
     if args.tree:
         try:
@@ -166,12 +198,17 @@ def main(argv=None):
         except ValueError as e:
             sys.exit(f"error: --tree: {e}")
     prompt = encode_prompt(args, model, tok, plan.tree.size)
-    stream = tok.stream()
-    show = lambda ids: print(stream.push([i for i in ids if i not in tok.stop_ids]), end="", flush=True)
+    if args.show:
+        show = Shower(tok, color=sys.stdout.isatty())
+    else:
+        stream = tok.stream()
+        show = lambda ids: print(stream.push([i for i in ids if i not in tok.stop_ids]), end="", flush=True)
     compiled = compiled_for(args, model, drafter, len(prompt) + args.max_new_tokens, plan)
     out = generate_tree(model, drafter, prompt, plan, args.max_new_tokens,
                         Sampler(args.temperature, args.top_p, args.seed), tok.stop_ids, on_token=show,
                         compiled=compiled)
+    if args.show:
+        print(show.summary(out))
     print(f"\n\n{drafter.title}: {len(out.tokens)} tokens, tau {out.tau:.2f}, "
           f"{out.tokens_per_s:.1f} tokens/s, plan {plan.text()} "
           f"({describe_machine(args.device)}, {args.dtype})")

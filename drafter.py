@@ -1,7 +1,7 @@
 """The drafter interface: what decoding, training and checkpoints need from a drafter, written once.
 
-transfer.py's HiddenTransfer and medusa.py's Medusa implement it; decode.py, train.py, latency.py
-and bench.py only ever call these methods, so a new drafter is one subclass plus one entry in
+transfer.py's HiddenTransfer and medusa.py's Medusa implement it; decode.py, train.py, bench.py and
+the tools only ever call these methods, so a new drafter is one subclass plus one entry in
 checkpoint.DRAFTERS (`checkpoint.register`). tests/test_new_drafter.py adds one from a test file.
 Read next: transfer.py, the drafter this project is about.
 """
@@ -44,9 +44,9 @@ class Drafter(nn.Module):
         """ONE forward pass that verifies N tree nodes and drafts from some of them.
 
         tokens (1, N): the nodes' token ids; pos (N,): their RoPE positions; tree_mask (N, N): the
-        ancestor mask; n: tokens already in `cache`. The nodes go to cache slots n..n+N-1. n may be a
-        0-d tensor (compiled.py): tree.after_cache and pseudo_mask then span the whole cache, so the
-        pass's shapes never depend on n; build masks with them and this holds for free.
+        ancestor mask; n: tokens already in `cache`. The nodes go to cache slots n..n+N-1. Build the
+        attention masks with cache.attention_mask(...): tools/compiled.py passes a cache whose masks
+        span its whole length (and n as a 0-d tensor), so a compiled pass never changes shape.
         nodes: which nodes draft (default all, in order); depth: drafts per node (default k, at
         most k); pseudo (a, i) never sees (a, j > i), so a smaller depth changes no kept draft.
         Returns (hidden (N, dim): the nodes' last-layer states, which model.head turns into the
@@ -67,9 +67,16 @@ class Drafter(nn.Module):
 
     # ------------------------------------------------------------------------- training
 
-    def train_pass(self, model: Transformer, ids: torch.Tensor, positions: torch.Tensor):
-        """Training and held-out evaluation (train.py): the frozen model over real windows ids (B, T),
-        and the drafts of the positions (B, P) the loss is taken at.
+    def frozen_pass(self, model: Transformer, ids: torch.Tensor) -> dict | None:
+        """What train_pass needs of the frozen model over windows ids (B, T), as a dict of tensors,
+        batch first, with no gradient. train.py computes it once per window and passes it back every
+        epoch (the frozen pass is most of a training step). None (the default): nothing to reuse."""
+        return None
+
+    def train_pass(self, model: Transformer, ids: torch.Tensor, positions: torch.Tensor,
+                   frozen: dict | None = None):
+        """Training and held-out evaluation (train.py): the frozen model over real windows ids (B, T)
+        (or what frozen_pass gave for them), and the drafts of the positions (B, P) the loss is taken at.
 
         Must give exactly what tree_pass gives for the prefix ids[b, :p+1] with nodes=[p] (the
         prefill of decode.py): tests/test_train.py checks it. Returns (states (B, P, k, ...), with

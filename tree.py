@@ -1,10 +1,11 @@
 """Token trees for one Hidden Transfer step: shapes, buffers, masks, and a data-driven builder.
 
-A tree is a prefix-closed list of rank paths (METHOD.md, "One decoding step"); from it come the
-tokens, RoPE positions, cache slots and masks of one verification pass, including the mask of the
-pseudo tokens in the layers after the transfer layer (METHOD.md, "Attention rules"), written once
-for decoding (a tree) and training (a causal window). Pure tensor code, no model. Run
-`python tree.py --pseudo` to see a tree and its masks. Read next: drafter.py.
+A tree is a prefix-closed list of rank paths (METHOD.md, "One decoding step"), typed as a path
+string ('0;1;0,0') or by name (SHAPES); from it come the tokens, RoPE positions, cache slots and
+masks of one verification pass, including the mask of the pseudo tokens in the layers after the
+transfer layer (METHOD.md, "Attention rules"), written once for decoding (a tree) and training (a
+causal window). Pure tensor code, no model. Run `python tree.py --pseudo` to see a tree and its
+masks. Read next: drafter.py, what a drafter must do with them.
 """
 
 import argparse
@@ -74,16 +75,20 @@ class Tree:
 
     @classmethod
     def parse(cls, text: str, k: int | None = None, top_r: int | None = None) -> "Tree":
-        """Tree.parse('0;0,0;1') == Tree([(0,), (0, 0), (1,)]): ranks split by ',', paths by ';'.
-        'chain' is chain(k), the top-1 token of every draft."""
-        if text.strip() == "chain":
+        """A tree from a name (SHAPES, or 'chain': chain(k)) or from paths: Tree.parse('0;0,0;1') ==
+        Tree([(0,), (0, 0), (1,)]), ranks split by ',', paths by ';'."""
+        name = text.strip()
+        if name == "chain":
             if k is None:
                 raise ValueError("tree 'chain' needs k, the number of drafts")
             return chain(k)
+        if name in SHAPES:
+            return cls(SHAPES[name], k=k, top_r=top_r)
         try:
             paths = [tuple(int(r) for r in p.split(",")) for p in text.split(";") if p.strip()]
         except ValueError:
-            raise ValueError(f"tree {text!r} must look like '0;0,0;1' (paths split by ';', ranks by ',')")
+            raise ValueError(f"tree {text!r} is neither a name ({', '.join(['chain', *SHAPES])}) nor "
+                             "paths like '0;0,0;1' (paths split by ';', ranks by ',')") from None
         if not paths:  # the root alone drafts nothing: never what a user typing a tree meant
             raise ValueError(f"tree {text!r} has no paths: name at least one, e.g. '0' or '0;0,0;1'")
         return cls(paths, k=k, top_r=top_r)
@@ -126,8 +131,10 @@ class Tree:
         return n + torch.arange(self.size, device=self.depths.device)
 
     def attention_mask(self, n: int) -> torch.Tensor:
-        """(1, N, n + N) bool: every node sees the n cached tokens, its ancestors and itself."""
-        return after_cache(self.mask, n)
+        """(1, N, n + N) bool: every node sees the n cached tokens, its ancestors and itself
+        (what model.KVCache.attention_mask(tree.mask, n) gives)."""
+        return torch.cat([torch.ones(self.size, n, dtype=torch.bool, device=self.mask.device), self.mask],
+                         dim=1).unsqueeze(0)
 
     def draw(self) -> str:
         """The tree as indented ASCII, one node per line: [index] and rank."""
@@ -165,24 +172,16 @@ def chain(k: int) -> Tree:
     return Tree([(0,) * j for j in range(1, k + 1)], k=k)
 
 
-def after_cache(mask: torch.Tensor, n, cache=None, cached: int | None = None) -> torch.Tensor:
-    """(R, C) mask over this pass's tokens -> (1, R, n + C): first n cache columns every row sees.
-
-    n a 0-d tensor (compiled.py: static shapes): the mask spans the WHOLE `cache` instead, L =
-    cache.max_len columns, whatever n is, so a compiled pass never changes shape. Its first `cached`
-    columns (all C by default) are tokens going to cache slots n.., the rest ephemeral:
-
-        keys ->   0 .. n-1 | n .. n+N-1     | n+N .. L-1 | ephemeral         (N = cached)
-        row r     1 ... 1  | mask[r, :N]    |  . ... .   | mask[r, N:]       -> (1, R, L + C - N)
-    """
-    if not torch.is_tensor(n):
-        ones = torch.ones(mask.shape[0], n, dtype=torch.bool, device=mask.device)
-        return torch.cat([ones, mask], dim=1).unsqueeze(0)
-    N = mask.shape[1] if cached is None else cached
-    rel = torch.arange(cache.max_len, device=mask.device) - n            # (L,) column - n
-    inside = (rel >= 0) & (rel < N)                                        # this pass's cached tokens
-    cols = (mask[:, rel.clamp(0, N - 1)] & inside) | (rel < 0)             # (R, L)
-    return torch.cat([cols, mask[:, N:]], dim=1).unsqueeze(0)             # (1, R, L + C - N)
+# Named shapes, as Medusa names its trees. Rank paths of depth <= 2, so any k >= 2 drafts them; the
+# larger ones are tree.build_tree's best trees for SmolLM2-135M's measured acceptance rates.
+SHAPES = {
+    "pair": [(0,)],                                                   # 2 nodes: q_1's top token
+    "fan3": [(0,), (1,)],                                             # 3: q_1's top two
+    "tree4": [(0,), (1,), (0, 0)],                                    # 4: and q_2's top below the first
+    "tree8": [(0,), (1,), (2,), (3,), (0, 0), (0, 1), (1, 0)],        # 8
+    "tree16": [(0,), (1,), (2,), (3,), (4,), (5,), (6,), (7,), (8,), (0, 0), (0, 1), (0, 2), (0, 3),
+               (0, 4), (1, 0)],                                       # 16
+}
 
 
 def pseudo_rows(sees: torch.Tensor, k: int) -> torch.Tensor:
@@ -213,30 +212,30 @@ def pseudo_positions(owner_positions: torch.Tensor, k: int) -> torch.Tensor:
     return (owner_positions[..., None] + offsets).flatten(-2)  # (..., M, k) -> (..., M*k)
 
 
-def pseudo_mask(tree_mask: torch.Tensor, n, k: int, nodes=None, cache=None) -> torch.Tensor:
-    """Mask of layers t+1..L: (1, N + M*k, n + N + M*k) bool, M = len(nodes) (all N by default).
+def pseudo_mask(tree_mask: torch.Tensor, k: int, nodes=None) -> torch.Tensor:
+    """Mask of layers t+1..L over one pass's own tokens: (N + M*k, N + M*k) bool, M = len(nodes)
+    (all N by default). model.KVCache.attention_mask then puts the cache's columns first.
 
-    Rows and columns: [cache (n) | tree nodes (N) | pseudo tokens, node-major: (a,1)..(a,k), (b,1)..].
-    Columns and rows line up with model.py: the tree nodes live in cache slots n..n+N-1, the pseudo
-    tokens are the ephemeral tail. For a chain r -> a and k = 2 (METHOD.md, "Attention rules"):
+    Rows and columns: [tree nodes (N) | pseudo tokens, node-major: (a,1)..(a,k), (b,1)..]. The tree
+    nodes go to cache slots, the pseudo tokens are the pass's ephemeral tail (model.py). For a chain
+    r -> a and k = 2 (METHOD.md, "Attention rules"; cache columns, all 1, added later):
 
-        keys ->  cache | r  a | (r,1) (r,2) (a,1) (a,2)
-        r        1...1 | 1  . |   .     .     .     .      real rows never see a pseudo token,
-        a        1...1 | 1  1 |   .     .     .     .      so their logits stay the base model's
-        (r,1)    1...1 | 1  . |   1     .     .     .
-        (r,2)    1...1 | 1  . |   1     1     .     .
-        (a,1)    1...1 | 1  1 |   .     .     1     .      pseudo (a,i) sees what a sees, a,
-        (a,2)    1...1 | 1  1 |   .     .     1     1      and its own pseudo (a,j<=i)
+        keys ->  (cache) | r  a | (r,1) (r,2) (a,1) (a,2)
+        r        1 ... 1 | 1  . |   .     .     .     .      real rows never see a pseudo token,
+        a        1 ... 1 | 1  1 |   .     .     .     .      so their logits stay the base model's
+        (r,1)    1 ... 1 | 1  . |   1     .     .     .
+        (r,2)    1 ... 1 | 1  . |   1     1     .     .
+        (a,1)    1 ... 1 | 1  1 |   .     .     1     .      pseudo (a,i) sees what a sees, a,
+        (a,2)    1 ... 1 | 1  1 |   .     .     1     1      and its own pseudo (a,j<=i)
     `nodes` (tree indices, in the order their pseudo tokens are appended) gives pseudo tokens to
     only some nodes; k may be less than the drafter's k (fewer drafts per node, see drafter.py).
-    n a 0-d tensor: the cache columns span the whole `cache` (after_cache, compiled.py).
     """
     N, dev = tree_mask.shape[0], tree_mask.device
     nodes = torch.arange(N, device=dev) if nodes is None else torch.as_tensor(nodes, device=dev)
     # tree_mask[a] already includes a itself (the diagonal), so a row of it is "ancestors of a + a"
     pseudo = pseudo_rows(tree_mask[nodes], k)                                         # (P, N + P)
     real = torch.cat([tree_mask, torch.zeros(N, pseudo.shape[0], dtype=torch.bool, device=dev)], 1)
-    return after_cache(torch.cat([real, pseudo], 0), n, cache, N)  # (1, N+P, n+N+P)
+    return torch.cat([real, pseudo], 0)                                               # (N+P, N+P)
 
 
 def _rates(accept) -> torch.Tensor:
@@ -321,7 +320,7 @@ def main(args):
     print("position ", tree.positions(args.n).tolist())
     print("slot     ", tree.slots(args.n).tolist())
     if args.pseudo:
-        m = pseudo_mask(tree.mask, 0, args.k)[0]  # cache columns left out: they are all 1
+        m = pseudo_mask(tree.mask, args.k)  # cache columns left out: they are all 1
         labels = [f"[{i}]" for i in range(tree.size)]
         labels += [f"({a},{i})" for a in range(tree.size) for i in range(1, args.k + 1)]
         print(f"\npseudo mask after the transfer layer (k={args.k}; cache columns, all 1, left out)")
@@ -329,10 +328,11 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from generate import int_range, run_main
+    from cli import int_range, run_main
     parser = argparse.ArgumentParser(description="Print a token tree, its buffers and its masks.")
     parser.add_argument("--paths", default="0;1;0,0;0,1;1,0;0,0,0",
-                        help="tree paths without the root: ranks split by ',', paths by ';'")
+                        help="tree paths without the root (ranks split by ',', paths by ';'), or a name: "
+                             + ", ".join(["chain", *SHAPES]))
     parser.add_argument("--k", type=int_range(1, 64), default=3, help="draft offsets; no path may be deeper")
     parser.add_argument("--n", type=int_range(0), default=10, help="cached tokens, for positions and slots")
     parser.add_argument("--pseudo", action="store_true",

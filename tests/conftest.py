@@ -2,8 +2,9 @@
 the losslessness, cache, mask and parity tests take it, so they are the specification on every
 device), the real default model loaded once per session, and the
 helpers several test files use (`from conftest import tiny`): tiny(), the small random model most
-tests run on, fake_windows(), made-up training windows, FakeTokenizer, a made-up chat format, and
-the drafters and hooks of the decoding tests (random_transfer, Oracle, check_cache)."""
+tests run on, fake_windows(), made-up training windows, FakeTokenizer, a made-up chat format,
+perturb(), which moves any drafter off its start, and the drafters and hooks of the decoding tests
+(random_transfer, Oracle, check_cache)."""
 
 import random
 
@@ -77,13 +78,20 @@ class FakeTokenizer:
 
 # ----------------------------------------------------------------------------- drafters for decoding tests
 
-def random_transfer(model, layer, k=3, seed=0):
-    ht = HiddenTransfer(model.args.dim, k, layer)
+def perturb(drafter, scale: float = 0.3, seed: int = 0):
+    """Any drafter, moved away from its start (identity maps, zero heads) by random noise: `scale`
+    on every matrix, a third of it on every vector (biases), so every path through it matters.
+    Drawn on the CPU: the same drafter on every device. Returns the drafter."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        ht.proj.weight.add_(0.3 * torch.randn(ht.proj.weight.shape, generator=g))
-        ht.proj.bias.normal_(0, 0.1, generator=g)
-    return ht.to(model.output.weight.device)
+        for p in drafter.parameters():
+            p.add_((scale if p.dim() > 1 else scale / 3) * torch.randn(p.shape, generator=g).to(p.device))
+    return drafter
+
+
+def random_transfer(model, layer, k=3, seed=0):
+    """A HiddenTransfer with random projections, on the model's device."""
+    return perturb(HiddenTransfer(model.args.dim, k, layer), seed=seed).to(model.output.weight.device)
 
 
 class Oracle(HiddenTransfer):

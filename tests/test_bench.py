@@ -1,4 +1,4 @@
-"""bench.py and latency.py: the metrics on hand-made generations, the interleaved run on a tiny
+"""bench.py and tools/latency.py: the metrics on hand-made generations, the interleaved run on a tiny
 random model with a fake tokenizer (lossless, complete report, Ctrl-C), the command line end to
 end with the model injected, and every one-line error with its exit status.
 """
@@ -10,10 +10,10 @@ import torch
 
 import bench
 from checkpoint import save_checkpoint
-from conftest import FakeTokenizer, tiny
+from conftest import FakeTokenizer, perturb, tiny
 from generate import Generation
-import latency
-from latency import latency_curve, latency_report, paired_times, pass_latency, step_latency
+from tools import latency
+from tools.latency import latency_curve, latency_report, paired_times, pass_latency, step_latency
 from medusa import Medusa
 from model import ModelArgs, Transformer
 from transfer import HiddenTransfer
@@ -22,22 +22,14 @@ from tree import Tree, chain
 WIDE = Tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], k=3)
 
 
-def perturbed(drafter, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        drafter.proj.weight.add_(0.3 * torch.randn(drafter.proj.weight.shape, generator=g))
-        drafter.proj.bias.normal_(0, 0.1, generator=g)
-    return drafter
-
-
 PROMPTS = [("writing", ["Write a poem.", "Shorter, please."]), ("math", ["What is 2 + 2?"]),
            ("coding", ["Reverse a list in Python."])]
 
 
 def methods(model):
     dim = model.args.dim
-    return {"plain": None, "transfer": (perturbed(HiddenTransfer(dim, 3, 2)), chain(3)),
-            "medusa": (perturbed(Medusa(dim, 3), seed=1), WIDE)}
+    return {"plain": None, "transfer": (perturb(HiddenTransfer(dim, 3, 2)), chain(3)),
+            "medusa": (perturb(Medusa(dim, 3), seed=1), WIDE)}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -163,7 +155,7 @@ def test_paired_times_alternate_the_two_calls_so_drift_cancels(monkeypatch):
 
 def test_latency_curve_and_report():
     model = tiny()
-    drafter = perturbed(HiddenTransfer(64, 3, 2))
+    drafter = perturb(HiddenTransfer(64, 3, 2))
     assert pass_latency(model, drafter, WIDE, n_ctx=20, reps=1) > 0 and step_latency(model, 20, 1) > 0
     curve = latency_curve(model, drafter, None, sizes=(1, 2, 4), n_ctx=20, reps=1)
     assert [r["nodes"] for r in curve["rows"]] == [1, 2, 4] and curve["rows"][0]["tau"] is None
@@ -229,8 +221,8 @@ def test_checkpoint_for_another_model_or_kind(injected, tmp_path, capsys):
 
 
 def test_checkpoints_serve_the_method_of_their_kind(injected, tmp_path, capsys):
-    save_checkpoint(str(tmp_path / "m.pt"), perturbed(Medusa(64, 3)), injected, {"tree": [[0], [1]]})
-    save_checkpoint(str(tmp_path / "t.pt"), perturbed(HiddenTransfer(64, 3, 2)), injected, {})
+    save_checkpoint(str(tmp_path / "m.pt"), perturb(Medusa(64, 3)), injected, {"tree": [[0], [1]]})
+    save_checkpoint(str(tmp_path / "t.pt"), perturb(HiddenTransfer(64, 3, 2)), injected, {})
     out = tmp_path / "r.json"
     bench.main(["--drafter-checkpoint", str(tmp_path / "m.pt"), "--drafter-checkpoint", str(tmp_path / "t.pt"),
                 "--prompts", "1", "--max-new-tokens", "6", "--out", str(out)])

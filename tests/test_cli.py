@@ -1,6 +1,6 @@
 """Bad input on every command line: one clear line and the right exit status, never a traceback.
 
-The model's context (generate.fit_context, --truncate left), Ctrl-C (exit 130; train.py saves
+The model's context (cli.fit_context, --truncate left), Ctrl-C (exit 130; train.py saves
 first), range-checked flags, an empty --tree, malformed ShareGPT and MT-Bench files. Where the exit
 status or the absence of a traceback is the point, the real script runs in a subprocess.
 """
@@ -16,14 +16,16 @@ import time
 import pytest
 import torch
 
-import analysis
 import bench
+import cli
 import decode
 import generate
 import train
 from data import read_mtbench, read_sharegpt
 from decode import generate_tree
-from generate import Sampler, fit_context
+from cli import fit_context
+from generate import Sampler
+from tools import analysis
 from model import ModelArgs, Transformer
 from transfer import HiddenTransfer
 from tree import Tree, chain
@@ -139,20 +141,20 @@ def test_bench_checks_every_first_turn_before_any_work():
 
 
 def test_training_windows_longer_than_the_context_are_refused(monkeypatch, capsys):
-    monkeypatch.setattr(generate, "load_model", lambda *a, **kw: tiny(ctx=256))
-    monkeypatch.setattr(generate, "load_tokenizer", lambda *a, **kw: FakeTok())
+    monkeypatch.setattr(cli, "load_model", lambda *a, **kw: tiny(ctx=256))
+    monkeypatch.setattr(cli, "load_tokenizer", lambda *a, **kw: FakeTok())
     err = exits(capsys, train.main, "--seq-len", "300", "--device", "cpu")
     assert "--seq-len 300 is more than the model's context of 256" in err
 
 
 # ----------------------------------------------------------------------------- 2. Ctrl-C
 
-def fake_sharegpt(path, n=30):
+def fake_sharegpt(path, n=30, reply=60):
     import random
     rng = random.Random(0)
     text = lambda k: "".join(rng.choice("abcdefghij klmnop") for _ in range(k))
     path.write_text(json.dumps([{"id": str(i), "conversations": [
-        {"from": "human", "value": text(8)}, {"from": "gpt", "value": text(60)}]} for i in range(n)]))
+        {"from": "human", "value": text(8)}, {"from": "gpt", "value": text(reply)}]} for i in range(n)]))
     return str(path)
 
 
@@ -169,8 +171,9 @@ def read_until(p, pattern, timeout=120) -> str:
 
 def test_ctrl_c_in_training_saves_and_exits_130(tmp_path):
     out = tmp_path / "t.pt"
-    p = script("train.py", "--sharegpt", fake_sharegpt(tmp_path / "s.json"), "--conversations", "30",
-               "--holdout", "5", "--eval-windows", "2", "--seq-len", "32", "--positions-per-seq", "4",
+    p = script("train.py", "--data", "sharegpt", "--sharegpt", fake_sharegpt(tmp_path / "s.json", reply=800),
+               "--conversations", "30", "--holdout", "1", "--eval-windows", "2", "--seq-len", "32", "--positions-per-seq", "4",
+               "--frozen-dtype", "float32",
                "--steps", "100000", "--eval-every", "0", "--tree-sizes", "", "--drafter-checkpoint", str(out),
                "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--device", "cpu")
     seen = read_until(p, r"training transfer.*\| *[1-9]\d*/100000")  # at least one step done
@@ -181,21 +184,35 @@ def test_ctrl_c_in_training_saves_and_exits_130(tmp_path):
     assert out.exists() and "to continue, add --resume" in stdout
 
 
+def loading(p, name) -> bool:
+    """Is process p reading the model file `name` now (the file is mapped while the loader reads it)?"""
+    try:
+        with open(f"/proc/{p.pid}/maps") as f:
+            return name in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc to see the loading state")
 def test_ctrl_c_while_loading_exits_130_without_a_traceback():
+    """Ctrl-C while the model loads. The test waits for that state, not for a clock: it stops the
+    process (SIGSTOP) once the model file is mapped, checks that it still is, and only then sends
+    SIGINT and lets it go on; a process that got past loading first is tried again."""
     from weights import default_model_path
-    p = script("generate.py", "--max-new-tokens", "500", "--threads", "1", "--device", "cpu")
-    maps, t0 = f"/proc/{p.pid}/maps", time.time()
     name = os.path.basename(default_model_path())
-    while time.time() - t0 < 60 and p.poll() is None:  # the model file mapped: loading has begun
-        try:
-            with open(maps) as f:
-                if name in f.read():
-                    break
-        except OSError:
-            break  # no /proc here: interrupt whatever it is doing by now
-        time.sleep(0.02)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
+    for attempt in range(5):
+        p = script("generate.py", "--max-new-tokens", "4", "--threads", "1", "--device", "cpu")
+        while p.poll() is None and not loading(p, name):
+            time.sleep(0.005)
+        p.send_signal(signal.SIGSTOP)
+        caught = loading(p, name)  # stopped: the state cannot change before SIGINT arrives
+        if caught:
+            p.send_signal(signal.SIGINT)
+        p.send_signal(signal.SIGCONT)
+        out, err = p.communicate(timeout=120)
+        if caught:
+            break
+    assert caught, "the process got past loading before it could be stopped, five times"
     assert p.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines() == ["interrupted (Ctrl-C)"]
 
@@ -232,10 +249,10 @@ def test_an_interrupted_sweep_stops_after_saving(tmp_path, monkeypatch):
                              "--cache-dir", str(tmp_path)])
     real = train.train_step
 
-    def step(*a):  # step 0 trains, step 1 is interrupted
-        if a[-1] == 1:
+    def step(model, drafter, opt, ids, assistant, args, n, frozen=None):  # step 0 trains, step 1 is interrupted
+        if n == 1:
             raise KeyboardInterrupt
-        return real(*a)
+        return real(model, drafter, opt, ids, assistant, args, n, frozen)
     monkeypatch.setattr(train, "train_step", step)
     with pytest.raises(KeyboardInterrupt):
         analysis.sweep_layers(tiny(), [1, 3], 5, args, windows, windows[:1])
@@ -260,7 +277,7 @@ def test_an_interrupted_sweep_stops_after_saving(tmp_path, monkeypatch):
     (train.parse_args, ["--lr", "0"], "--lr: '0' is not a number > 0"),
     (train.parse_args, ["--seq-len", "4", "--k", "3"], "--seq-len 4 must be more than --k + 1 = 4"),
     (analysis.main, ["--sweep-layers", "6,x"], "--sweep-layers: in '6,x': 'x' is not an integer"),
-    (__import__("hf_baseline").main, ["--reps", "0"], "--reps: '0' is not an integer >= 1"),
+    (__import__("tools.hf_baseline").hf_baseline.main, ["--reps", "0"], "--reps: '0' is not an integer >= 1"),
 ])
 def test_bad_numbers_are_one_argparse_line_and_exit_2(fn, argv, needle, capsys):
     assert needle in exits(capsys, fn, *argv, code=2)
@@ -293,8 +310,8 @@ def test_a_malformed_sharegpt_file_names_the_file_the_record_and_the_form(tmp_pa
     empty.write_text("[]")
     with pytest.raises(ValueError, match="empty.json: it holds no records"):
         list(read_sharegpt(str(empty)))
-    monkeypatch.setattr(generate, "load_model", lambda *a, **kw: tiny())
-    monkeypatch.setattr(generate, "load_tokenizer", lambda *a, **kw: FakeTok())
+    monkeypatch.setattr(cli, "load_model", lambda *a, **kw: tiny())
+    monkeypatch.setattr(cli, "load_tokenizer", lambda *a, **kw: FakeTok())
     err = exits(capsys, train.main, "--sharegpt", str(openai), "--seq-len", "24", "--device", "cpu",
                 "--cache-dir", str(tmp_path / "cache"))
     assert err.startswith(f"error: {openai}: none of its 3 records")
@@ -330,8 +347,8 @@ def test_nonexistent_path(tmp_path):
         load_model(tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("script", ["generate.py", "decode.py", "train.py", "bench.py", "analysis.py",
-                                    "hf_baseline.py", "gpu_check.py"])
+@pytest.mark.parametrize("script", ["generate.py", "decode.py", "train.py", "bench.py", "tree.py", "tools/analysis.py",
+                                    "tools/hf_baseline.py", "tools/gpu_check.py", "tools/results.py"])
 def test_help_shows_each_default_once(script):
     done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)

@@ -1,7 +1,8 @@
-"""Compiled decoding (compiled.py) emits exactly what eager plain decoding emits.
+"""Compiled decoding (tools/compiled.py) emits exactly what eager plain decoding emits.
 
-The compiled tree step is drafter.tree_pass with the cache offset as a tensor, so the masks span the
-whole cache: first that form is checked eagerly against the ordinary one, then compiled. The fast
+The compiled tree step is drafter.tree_pass with a StaticCache and the cache offset as a tensor, so
+the masks span the whole cache: first that form is checked eagerly against the ordinary one, then
+compiled. The fast
 tests compile with the "aot_eager" backend: the same full-graph capture and static shapes, without
 inductor's code generation (a CPU inductor compile takes a minute). One slow test runs inductor
 itself (CUDA graphs on a GPU).
@@ -12,14 +13,14 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 
-from compiled import Compiled
-from conftest import random_transfer, tiny
+from conftest import perturb, random_transfer, tiny
 from decode import generate_tree
 from generate import Sampler, generate
 from medusa import Medusa
 from model import KVCache, causal_mask
 from plan import Plan
-from tree import Tree, after_cache, chain, pseudo_mask
+from tools.compiled import Compiled, StaticCache
+from tree import Tree, chain, pseudo_mask
 
 TREE = Tree([(0,), (1,), (0, 0), (0, 1), (1, 0)], k=3)
 PLAN = Plan(Tree.parse("0;1;0,0;1,0;0,0,0", k=3), (0, 1), 3)  # cut steps and shifted drafts happen
@@ -27,18 +28,15 @@ PROMPTS = ([4, 8, 15, 16, 23, 42], [1, 2, 3])
 
 
 def random_medusa(model):
-    m = Medusa(model.args.dim, 3)
-    with torch.no_grad():
-        m.proj.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
-    return m.to(model.output.weight.device)
+    return perturb(Medusa(model.args.dim, 3), seed=1).to(model.output.weight.device)
 
 
 def test_whole_cache_masks_are_the_eager_masks_spread_over_the_cache():
     n, L, k = 5, 16, 2
-    cache = KVCache(tiny().args, 1, L)
+    eager_cache, static = KVCache(tiny().args, 1, L), StaticCache(tiny().args, 1, L)
     N = TREE.size
-    for wide, eager in [(after_cache(TREE.mask, torch.tensor(n), cache), after_cache(TREE.mask, n)),
-                        (pseudo_mask(TREE.mask, torch.tensor(n), k, None, cache), pseudo_mask(TREE.mask, n, k))]:
+    for own in (TREE.mask, pseudo_mask(TREE.mask, k)):
+        wide, eager = static.attention_mask(own, torch.tensor(n), cached=N), eager_cache.attention_mask(own, n)
         E = eager.shape[-1] - n - N                                          # ephemeral columns
         assert wide.shape == (1, eager.shape[1], L + E)
         assert torch.equal(wide[..., :n + N], eager[..., :n + N])           # cache, then the nodes
@@ -47,14 +45,15 @@ def test_whole_cache_masks_are_the_eager_masks_spread_over_the_cache():
 
 
 @pytest.mark.parametrize("make", [lambda m: random_transfer(m, 1), random_medusa], ids=["transfer", "medusa"])
-def test_tree_pass_with_a_tensor_offset_equals_the_int_one(make, device):
-    """The compiled step's form, run eagerly: n as a tensor reads the whole (partly stale) cache."""
+def test_tree_pass_with_a_static_cache_equals_the_eager_one(make, device):
+    """The compiled step's form, run eagerly: a StaticCache and n as a tensor read the whole (partly
+    stale) cache."""
     model = tiny(2, device)
     drafter, tree, n = make(model), TREE.to(device), 6
     tokens = torch.randint(96, (1, tree.size), generator=torch.Generator().manual_seed(0)).to(device)
     outs = []
-    for offset in (n, torch.tensor(n, device=device)):
-        cache = KVCache(model.args, 1, 32, device)
+    for offset, Cache in ((n, KVCache), (torch.tensor(n, device=device), StaticCache)):
+        cache = Cache(model.args, 1, 32, device)
         cache.k.normal_(), cache.v.normal_()  # stale slots beyond n + N must not be read
         at = torch.arange(n, device=device)
         model(torch.tensor([PROMPTS[0]], device=device), at, causal_mask(n, device=device), at, cache)
@@ -99,11 +98,11 @@ def graph_ops(fn, *args):
 
 
 def test_compiled_steps_write_the_cache_in_place():
-    """model.Attention writes K/V at (layer, slots) of the whole cache: a write into the view
-    cache.k[layer] would reach the compiled graph as a copy of that layer's cache (select_scatter)
-    at every step, and on a CPU cost more than the step's own arithmetic."""
+    """StaticCache writes K/V at (layer, slots) of the whole cache: a write into the view
+    cache.k[layer] (what the eager KVCache does) would reach the compiled graph as a copy of that
+    layer's cache (select_scatter) at every step, and on a CPU cost more than the step's own arithmetic."""
     model, n = tiny(0, n_layers=2), 6
-    drafter, tree, cache = random_transfer(model, 1), TREE, KVCache(model.args, 1, 32)
+    drafter, tree, cache = random_transfer(model, 1), TREE, StaticCache(model.args, 1, 32)
     one, at = torch.ones(1, 1, dtype=torch.long), torch.tensor([n])
     plain = graph_ops(model.forward, one, at, torch.ones(1, 1, 32, dtype=torch.bool), at, cache)
     tree_step = graph_ops(lambda *a: drafter.tree_pass(model, *a), torch.ones(1, tree.size, dtype=torch.long),

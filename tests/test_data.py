@@ -222,6 +222,15 @@ def test_long_conversation_spans_windows_and_short_ones_pack():
     assert [decode(ids) for ids, _ in windows] == ["<r><BB>" * 2] * 3  # two per window
 
 
+def test_pack_windows_takes_any_sequences_and_refuses_mismatched_masks():
+    pairs = [([1, 2, 3], [False, True, True]), ([4, 5], [True, False])]
+    windows = data.pack_windows(pairs, seq_len=2, min_assistant_tokens=0)
+    assert [w[0].tolist() for w in windows] == [[1, 2], [3, 4]]
+    assert [w[1].tolist() for w in windows] == [[False, True], [True, True]]
+    with pytest.raises(ValueError, match="different lengths"):
+        data.pack_windows([([1, 2], [True])], seq_len=2)
+
+
 def test_min_assistant_tokens_filter_and_max_windows():
     convs = [conv("u" * 8, "a" * 2), conv("u" * 2, "a" * 8)]  # masks 2 and 8 per 14-char window
     windows = data.encode_conversations(CharTokenizer(), convs, seq_len=14, min_assistant_tokens=3)
@@ -242,16 +251,17 @@ def test_batches_shapes_and_epochs():
     seqs = make_sequences()
     stream = data.batches(seqs, batch_size=3, seed=0)
     first_epoch = [next(stream) for _ in range(3)]  # 10 // 3 = 3 batches an epoch
-    assert all(ids.shape == (3, 6) and m.shape == (3, 6) for ids, m in first_epoch)
-    seen = torch.cat([ids[:, 0] for ids, _ in first_epoch]).tolist()
+    assert all(ids.shape == (3, 6) and m.shape == (3, 6) for _, ids, m in first_epoch)
+    seen = torch.cat([ids[:, 0] for _, ids, _ in first_epoch]).tolist()
     assert len(set(seen)) == 9  # no repeats within an epoch
-    for ids, m in first_epoch:  # masks travel with their ids
-        assert torch.equal(m, torch.stack([seqs[i][1] for i in ids[:, 0].tolist()]))
+    for idx, ids, m in first_epoch:  # indices and masks travel with their ids
+        assert idx.tolist() == ids[:, 0].tolist()
+        assert torch.equal(m, torch.stack([seqs[i][1] for i in idx.tolist()]))
 
 
 def test_batches_deterministic_and_resumable():
     seqs = make_sequences()
-    take = lambda it, n: [ids[:, 0].tolist() for ids, _ in itertools.islice(it, n)]
+    take = lambda it, n: [ids[:, 0].tolist() for _, ids, _ in itertools.islice(it, n)]
     reference = take(data.batches(seqs, 3, seed=7), 20)
     assert reference == take(data.batches(seqs, 3, seed=7), 20)
     assert reference != take(data.batches(seqs, 3, seed=8), 20)

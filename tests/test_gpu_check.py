@@ -9,7 +9,7 @@ import subprocess
 
 
 def test_dry_run_writes_markdown_and_json(tmp_path):
-    done = subprocess.run(["./gpu_check.sh", str(tmp_path), "--device", "cpu", "--skip", "tests,train,bench",
+    done = subprocess.run(["tools/gpu_check.sh", str(tmp_path), "--device", "cpu", "--skip", "tests,train,bench",
                            "--threads", "1"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -25,7 +25,7 @@ def test_dry_run_writes_markdown_and_json(tmp_path):
 
 
 def test_a_spent_budget_skips_every_section_and_says_so(tmp_path):
-    done = subprocess.run(["./gpu_check.sh", str(tmp_path), "--device", "cpu", "--budget", "0"],
+    done = subprocess.run(["tools/gpu_check.sh", str(tmp_path), "--device", "cpu", "--budget", "0"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())

@@ -1,4 +1,5 @@
-"""model.linear's two forms of x @ W.T and the measured choice between them (model.LinearKernels).
+"""tools/kernels.py: the two forms of x @ W.T, the measured choice between them, and apply(), which
+gives a model's nn.Linear layers the measured form from outside the model.
 
 The choice is driven here by injected timings, so every test holds on any machine: the tests check
 that the form the timings favour is the one computed, that both forms give the same numbers, and
@@ -9,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model
-from model import FORMS, LinearKernels, ModelArgs, Transformer, causal_mask, linear, tune
+from model import ModelArgs, Transformer, causal_mask
+from tools import kernels
+from tools.kernels import FORMS, LinearKernels, MeasuredLinear, apply, linear
 
 
 class FakeTimer:
@@ -34,9 +36,9 @@ def spy(monkeypatch):
     return used
 
 
-def use_kernels(monkeypatch, kernels):
-    monkeypatch.setattr(model, "KERNELS", kernels)
-    return kernels
+def use_kernels(monkeypatch, k):
+    monkeypatch.setattr(kernels, "KERNELS", k)
+    return k
 
 
 def test_injected_timings_choose_the_form_that_is_used(monkeypatch, spy):
@@ -71,7 +73,7 @@ def test_cache_keys_on_shape_dtype_and_row_bucket():
     w = torch.randn(40, 16)
     assert k.form(w, 3) == "transposed"
     # a new shape times both forms at every bucket, once
-    assert timer.calls == [(f, (40, 16), torch.float32, b) for b in model.ROW_BUCKETS for f in FORMS]
+    assert timer.calls == [(f, (40, 16), torch.float32, b) for b in kernels.ROW_BUCKETS for f in FORMS]
     assert [k.form(w, rows) for rows in (1, 2, 4, 5, 8, 64, 500)] == ["transposed"] * 3 + ["linear"] * 4
     k.form(torch.randn(40, 16), 3)    # another weight of the same shape shares the entries
     n = len(timer.calls)
@@ -85,7 +87,7 @@ def test_cache_keys_on_shape_dtype_and_row_bucket():
 
 def test_the_ring_hands_out_copies_of_the_weight():
     w = torch.randn(8, 16)
-    ring = model.weight_ring(w)
+    ring = kernels.weight_ring(w)
     a, b = next(ring), next(ring)
     assert torch.equal(a, w) and torch.equal(b, w) and a.data_ptr() != b.data_ptr() != w.data_ptr()
 
@@ -97,31 +99,41 @@ def test_forced_form_times_nothing(monkeypatch, spy):
     assert spy == ["transposed"] and timer.calls == []
 
 
-def test_tune_covers_every_weight_shape_and_bucket():
+def test_apply_covers_every_weight_shape_and_bucket_and_keeps_the_parameters(monkeypatch):
     m = Transformer(ModelArgs.tiny()).init_random()
+    names = dict(m.state_dict())
     timer = FakeTimer({"linear": 1.0, "transposed": 2.0})
-    k = LinearKernels(timer)
-    tune(m, kernels=k)
-    shapes = {tuple(p.weight.shape) for p in m.modules() if isinstance(p, torch.nn.Linear)}
+    k = use_kernels(monkeypatch, LinearKernels(timer))
+    apply(m)
+    linears = [p for p in m.modules() if isinstance(p, torch.nn.Linear)]
+    assert linears and all(type(p) is MeasuredLinear for p in linears)
+    assert m.output.weight is m.tok_embeddings.weight  # tied weights stay tied
+    assert {n: v.data_ptr() for n, v in m.state_dict().items()} == {n: v.data_ptr() for n, v in names.items()}
+    shapes = {tuple(p.weight.shape) for p in linears}
     assert {key[0] for key in k.table} == shapes
-    assert len(k.table) == len(shapes) * len(model.ROW_BUCKETS)
+    assert len(k.table) == len(shapes) * len(kernels.ROW_BUCKETS)
     n = len(timer.calls)
-    tune(m, kernels=k)                # cached: a second tune times nothing
+    apply(m)                          # cached: a second apply times nothing
     assert len(timer.calls) == n
 
 
-def test_whole_model_same_logits_with_either_form(monkeypatch):
+def test_whole_model_same_logits_with_either_form_and_without(monkeypatch, spy):
     m = Transformer(ModelArgs.tiny()).init_random()
     tokens = torch.randint(m.args.vocab_size, (1, 12))
+    plain = m(tokens, torch.arange(12), causal_mask(12))
+    assert spy == [], "a model nobody applied the kernels to uses nn.Linear as it is"
+    apply(m)
     logits = {}
     for form in FORMS:
         use_kernels(monkeypatch, LinearKernels(force=form))
         logits[form] = m(tokens, torch.arange(12), causal_mask(12))
-    torch.testing.assert_close(logits["linear"], logits["transposed"], rtol=1e-5, atol=1e-5)
+    assert set(spy) == set(FORMS)
+    for form in FORMS:
+        torch.testing.assert_close(logits[form], plain, rtol=1e-5, atol=1e-5)
 
 
 def test_the_real_timer_returns_seconds():
-    assert 0 < model.time_form("linear", model.weight_ring(torch.randn(8, 16)), 2) < 1
+    assert 0 < kernels.time_form("linear", kernels.weight_ring(torch.randn(8, 16)), 2) < 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -130,12 +142,12 @@ def test_cuda_uses_f_linear_and_times_nothing(monkeypatch):
     k = use_kernels(monkeypatch, LinearKernels(timer))
     x, w = torch.randn(3, 16, device="cuda"), torch.randn(8, 16, device="cuda")
     torch.testing.assert_close(linear(x, w), F.linear(x, w))
-    tune(torch.nn.Linear(16, 8).cuda(), kernels=k)
+    apply(torch.nn.Linear(16, 8).cuda())
     assert timer.calls == [] and k.table == {}
 
 
 def test_a_compiled_region_uses_the_timed_form_and_times_nothing(monkeypatch, spy):
-    """compiled.py: tune() times before compiling; inside the graph linear only looks the form up,
+    """tools/compiled.py: apply() times before compiling; inside the graph linear only looks the form up,
     and a shape nobody timed gets F.linear's form rather than a timing in the middle of a trace."""
     timer = FakeTimer({"linear": 2.0, "transposed": 1.0})
     k = use_kernels(monkeypatch, LinearKernels(timer))

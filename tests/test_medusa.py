@@ -5,7 +5,7 @@ through decode.generate_tree is lossless; a checkpoint round-trips. Tiny random 
 import torch
 
 from checkpoint import load_drafter, save_checkpoint
-from conftest import tiny
+from conftest import perturb, tiny
 from decode import generate_tree
 from generate import Sampler, generate
 from medusa import Medusa
@@ -39,12 +39,7 @@ def test_heads_are_residual_silu():
 
 
 def random_medusa(seed=0):
-    m = Medusa(64, 3)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        m.proj.weight.copy_(0.3 * torch.randn(m.proj.weight.shape, generator=g))
-        m.proj.bias.copy_(0.1 * torch.randn(m.proj.bias.shape, generator=g))
-    return m
+    return perturb(Medusa(64, 3), seed=seed)
 
 
 def test_medusa_decoding_is_lossless(device):

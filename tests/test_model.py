@@ -126,6 +126,13 @@ def test_kv_cache_move_copies_slots_in_every_layer(device):
     assert torch.equal(cache.v[:, :, :, untouched], v0[:, :, :, untouched])
 
 
+def test_cache_attention_mask_puts_the_cached_tokens_first(device):
+    cache = KVCache(ModelArgs.tiny(), max_len=16, device=device)
+    own = torch.tensor([[1, 0], [1, 1]], dtype=torch.bool, device=device)
+    assert cache.attention_mask(own, 3).tolist() == [[[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]]
+    assert cache.attention_mask(own, 0).tolist() == [own.tolist()]
+
+
 @pytest.mark.parametrize("device", ["cpu"])  # the checks are the same Python on every device
 def test_slot_beyond_cache_raises(tiny):
     cache = KVCache(tiny.args, max_len=8)

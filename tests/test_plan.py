@@ -8,7 +8,8 @@ import torch
 from conftest import Oracle, check_cache, random_transfer, tiny
 from decode import generate_tree
 from generate import Sampler, generate
-from plan import ROOT_ONLY, Plan, choose_plan, expected_tokens
+from plan import Plan
+from tools.plan_search import ROOT_ONLY, choose_plan, expected_tokens
 from tree import Tree, build_tree, chain, expected_tau
 
 ACCEPT = [[0.45, 0.12, 0.06, 0.03], [0.25, 0.08, 0.04, 0.02], [0.15, 0.05, 0.03, 0.01]]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import perturb
 from decode import generate_tree
 from generate import Sampler, generate, main as generate_main
 from model import causal_mask
@@ -38,10 +39,7 @@ def test_generate_cli_answers_paris(capsys):
 @pytest.mark.parametrize("layer,tree", [(15, chain(3)), (24, Tree([(0,), (1,), (0, 0), (1, 0), (0, 0, 0)], k=3))])
 def test_hidden_transfer_is_lossless_on_the_real_model(smollm, layer, tree):
     model, tok = smollm
-    drafter = HiddenTransfer(model.args.dim, 3, layer)
-    g = torch.Generator().manual_seed(layer)
-    with torch.no_grad():  # untrained but not the identity: a random perturbation
-        drafter.proj.weight.add_(0.02 * torch.randn(drafter.proj.weight.shape, generator=g))
+    drafter = perturb(HiddenTransfer(model.args.dim, 3, layer), 0.02, seed=layer)  # untrained, not the identity
     for prompt in PROMPTS:
         ids, _ = tok.encode_chat([{"role": "user", "content": prompt}])
         for sampler in (lambda: Sampler(), lambda: Sampler(0.7, 0.9, seed=1)):

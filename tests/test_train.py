@@ -7,9 +7,11 @@ test_training_pseudo_logits_equal_decoding: training and decoding see the same p
 import pytest
 import torch
 
+import distill
+import evaluate
 import train
 from checkpoint import build_drafter, load_drafter, open_checkpoint
-from conftest import fake_windows, tiny
+from conftest import fake_windows, perturb, tiny
 from decode import generate_tree
 from generate import Sampler, generate
 from medusa import Medusa
@@ -31,24 +33,20 @@ def args_for(tmp_path, *flags):
 
 
 def random_drafter(kind, model, seed=0):
-    torch.manual_seed(seed)
     d = HiddenTransfer(model.args.dim, 3, 2) if kind == "transfer" else Medusa(model.args.dim, 3)
-    with torch.no_grad():  # move away from the identity / zero start, so every path matters
-        d.proj.weight.add_(0.2 * torch.randn(d.proj.weight.shape))
-        d.proj.bias.normal_(0, 0.1)
-    return d
+    return perturb(d, 0.2, seed)  # away from the identity / zero start, so every path matters
 
 
 # ----------------------------------------------------------------------------- the pieces
 
 def test_positions_follow_the_assistant_rule():
     assistant = torch.tensor([[0, 0, 1, 1, 0, 1, 1, 1], [0, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
-    pos, valid = train.choose_positions(assistant, 0, 3, torch.Generator().manual_seed(0))
+    pos, valid = distill.choose_positions(assistant, 0, 3, torch.Generator().manual_seed(0))
     # p qualifies when x_(p+1) is an assistant token; row 1 has one such p and is padded
     assert pos.tolist() == [[1, 2, 4, 5, 6], [0, 0, 0, 0, 0]]
     assert valid[0].tolist() == [[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 0, 0]]  # p + i <= 7
     assert valid[1].tolist() == [[1, 1, 1]] + [[0, 0, 0]] * 4
-    few, _ = train.choose_positions(assistant, 2, 3, torch.Generator().manual_seed(0))
+    few, _ = distill.choose_positions(assistant, 2, 3, torch.Generator().manual_seed(0))
     assert few.shape == (2, 2) and set(few[0].tolist()) <= {1, 2, 4, 5, 6}
 
 
@@ -56,7 +54,7 @@ def test_teacher_rows_are_the_base_model_distributions():
     model, ids = tiny(), fake_windows(2)[0][0][None]
     positions = torch.tensor([[3, 10, 22]])
     _, h_L = HiddenTransfer(64, 3, 2).train_pass(model, ids, positions)
-    teacher = train.teacher_logprobs(model, h_L, positions, 3)                  # (1, 3, 3, V)
+    teacher = distill.teacher_logprobs(model, h_L, positions, 3)                  # (1, 3, 3, V)
     full = torch.log_softmax(model(ids, torch.arange(T), torch.ones(1, T, T).tril().bool()), -1)
     for a, p in enumerate(positions[0].tolist()):
         for i in range(1, 4):
@@ -103,7 +101,8 @@ def test_base_model_is_untouched_and_checkpoint_decodes(tmp_path):
     args = args_for(tmp_path, "--steps", "4", "--tree-sizes", "3,4")
     out = train.run(args, model, fake_windows(8), fake_windows(2, seed=1))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert out["finished"] and len(out["eval"]["top1"]) == 3 and [r["nodes"] for r in out["plan_table"]["rows"]] == [3, 4]
+    assert out["finished"] and len(out["eval"]["held-out"]["top1"]) == 3
+    assert [r["nodes"] for r in out["plan_table"]["rows"]] == [3, 4]
     # what train.py saves, decode.py can use, losslessly
     drafter, plan, _ = load_drafter(model, args.drafter_checkpoint)
     assert plan.fields() == {k: out[k] for k in ("tree", "pseudo_nodes", "pseudo_depth")}
@@ -163,10 +162,35 @@ def test_resume_refuses_other_flags(tmp_path):
 def test_evaluate_counts_identity_agreement():
     """With an oracle-free check: accept rates are shares, top-1 = rank 0, top-5 = ranks 0..4."""
     model = tiny()
-    m = train.evaluate(model, Medusa(64, 3), fake_windows(3), args_for_eval(), top_r=8)
+    m = evaluate.evaluate(model, Medusa(64, 3), fake_windows(3), top_r=8)
     acc = torch.tensor(m["accept"])
     assert acc.shape == (3, 8) and bool((acc.sum(1) <= 1 + 1e-6).all())
     assert m["top1"] == acc[:, 0].tolist() and torch.allclose(torch.tensor(m["top5"]), acc[:, :5].sum(1))
+
+
+def test_held_out_positions_are_fixed_per_window(monkeypatch):
+    """A held-out window's positions depend on its index alone: not on the batch it is scored in,
+    nor on any training flag (evaluate takes none), so two recipes are scored on the same targets."""
+    windows = fake_windows(5, T=40)
+    assistant = torch.stack([w[1] for w in windows])
+    together, valid = evaluate.fixed_positions(assistant, 3, 0)
+    for j in range(5):
+        alone, v = evaluate.fixed_positions(assistant[j:j + 1], 3, j)
+        n = int(v[0, :, 0].sum())
+        assert torch.equal(together[j, :n], alone[0, :n]) and n == int(valid[j, :, 0].sum())
+    model, drafter = tiny(), random_drafter("transfer", tiny())
+    batched = evaluate.evaluate(model, drafter, windows)
+    monkeypatch.setattr(evaluate, "EVAL_BATCH", 1)
+    one_by_one = evaluate.evaluate(model, drafter, windows)
+    assert batched["targets"] == one_by_one["targets"] and batched["top1"] == one_by_one["top1"]
+
+
+def test_reusing_frozen_passes_changes_nothing(tmp_path):
+    """Each window's frozen pass kept and reused (--frozen-cache-gb) trains exactly what recomputing does."""
+    model, data = tiny(), fake_windows(3)
+    runs = [train.run(args_for(tmp_path / str(gb), "--steps", "7", "--tree-sizes", "", "--frozen-cache-gb", gb),
+                      model, data, fake_windows(1, seed=1)) for gb in ("0", "1")]
+    assert runs[0]["history"] == runs[1]["history"]
 
 
 def args_for_eval():
@@ -181,67 +205,16 @@ def test_bad_flags_are_one_line_errors():
 # ----------------------------------------------------------------------------- analysis.py
 
 def test_hidden_similarity_starts_as_a_copy_for_the_identity_transfer():
-    from analysis import hidden_similarity
+    from tools.analysis import hidden_similarity
     model = tiny()
-    pseudo, copy = hidden_similarity(model, HiddenTransfer(64, 3, 2), fake_windows(2), args_for_eval())
+    pseudo, copy = hidden_similarity(model, HiddenTransfer(64, 3, 2), fake_windows(2))
     assert pseudo.shape == (3, 3)                       # layers t=2..L=4, offsets 1..3
     assert torch.allclose(pseudo[0], copy[0], atol=1e-5)  # at layer t, W = I copies h^t_p
     assert bool((pseudo <= 1 + 1e-5).all())
 
 
 def test_layer_sweep_runs(tmp_path):
-    from analysis import sweep_layers
+    from tools.analysis import sweep_layers
     rows = sweep_layers(tiny(), [1, 3], 2, args_for(tmp_path, "--cache-dir", str(tmp_path)),
                         fake_windows(4), fake_windows(1))
-    assert [t for t, _ in rows] == [1, 3] and all(len(m["top1"]) == 3 for _, m in rows)
-
-
-# ----------------------------------------------------------------------------- data, self-distillation
-
-class FakeTok:
-    """Characters as token ids 1..95 (0 is the stop token), assistant characters masked True."""
-    template, stop_ids = "fake", {0}
-
-    def encode_chat(self, messages, add_generation_prompt=True, system=None):
-        ids, mask = [], []
-        for m in messages:
-            ids += [1 + ord(c) % 95 for c in m["content"]]
-            mask += [m["role"] == "assistant"] * len(m["content"])
-        return ids + [1] * add_generation_prompt, mask + [False] * add_generation_prompt
-
-    def decode(self, ids):
-        return "".join(chr(31 + i) for i in ids if i)
-
-
-def fake_sharegpt(path, n=30):
-    import json
-    import random
-    rng = random.Random(0)
-    text = lambda k: "".join(rng.choice("abcdefghij klmnop") for _ in range(k))
-    records = [{"id": str(i), "conversations": [{"from": "human", "value": text(8)},
-                                                 {"from": "gpt", "value": text(60)}]} for i in range(n)]
-    path.write_text(json.dumps(records))
-    return str(path)
-
-
-def test_windows_are_cached_and_held_out_never_trained_on(tmp_path, capsys, monkeypatch):
-    data = fake_sharegpt(tmp_path / "sharegpt.json")
-    args = args_for(tmp_path, "--sharegpt", data, "--conversations", "30", "--holdout", "5",
-                    "--eval-windows", "4", "--cache-dir", str(tmp_path / "cache"))
-    train_w, held_w = train.load_windows(args, tiny(), FakeTok())
-    assert "30 ShareGPT conversations read" in capsys.readouterr().out and len(held_w) == 4
-    monkeypatch.setattr(train, "read_sharegpt", None)  # a second run must not read the data again
-    again = train.load_windows(args, tiny(), FakeTok())
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(train_w, again[0]))
-    seen = {tuple(ids.tolist()) for ids, _ in train_w}
-    assert not any(tuple(ids.tolist()) in seen for ids, _ in held_w)
-
-
-def test_self_distill_experiment_runs(tmp_path):
-    from analysis import self_distill
-    data = fake_sharegpt(tmp_path / "sharegpt.json")
-    args = args_for(tmp_path, "--sharegpt", data, "--conversations", "30", "--holdout", "5",
-                    "--eval-windows", "4", "--cache-dir", str(tmp_path), "--max-new-tokens", "40")
-    train_w, held_w = train.load_windows(args, tiny(), FakeTok())
-    rows = self_distill(tiny(), FakeTok(), 6, 2, args, train_w, held_w)
-    assert [name for name, _, _ in rows] == ["ShareGPT replies", "own replies"] and rows[1][1] > 0
+    assert [t for t, _ in rows] == [1, 3] and all(len(m["held-out"]["top1"]) == 3 for _, m in rows)

@@ -114,8 +114,20 @@ def test_parse_and_top_r():
     assert Tree([(0,)], top_r=5).top_r == 5  # ... or is kept as given
     assert Tree([]).top_r == 1
     assert Tree.parse("chain", k=3).paths == chain(3).paths
-    with pytest.raises(ValueError, match="must look like"):
+    with pytest.raises(ValueError, match="neither a name .* nor paths like"):
         Tree.parse("0;a")
+
+
+def test_named_shapes():
+    """SHAPES: a few trees by name, each valid for any k >= 2, growing with its name."""
+    from tree import SHAPES
+    for name, paths in SHAPES.items():
+        t = Tree.parse(name, k=2)
+        assert t.paths[1:] == sorted(paths, key=lambda p: (len(p), p)) and t.depth <= 2
+        assert name == "pair" or name == "fan3" or t.size == int(name.removeprefix("tree"))
+    assert Tree.parse("pair", k=2).paths == [(), (0,)] and Tree.parse(" tree4 ", k=3).size == 4
+    with pytest.raises(ValueError, match="depth 2 but the drafts reach only k=1"):
+        Tree.parse("tree4", k=1)
 
 
 def test_to_moves_a_copy():
@@ -145,15 +157,15 @@ def test_invalid_trees_raise(paths, kwargs, names):
 # ----------------------------------------------------------------------------- pseudo tokens
 
 def test_pseudo_mask_golden():
-    # chain r -> a, k = 2, n = 3 cached tokens
-    m = pseudo_mask(chain(1).mask, n=3, k=2)
-    #                      cache | r a | (r,1) (r,2) (a,1) (a,2)
-    assert torch.equal(m, bools(["1 1 1  1 .  . . . .",     # r
-                                 "1 1 1  1 1  . . . .",     # a
-                                 "1 1 1  1 .  1 . . .",     # (r,1)
-                                 "1 1 1  1 .  1 1 . .",     # (r,2)
-                                 "1 1 1  1 1  . . 1 .",     # (a,1)
-                                 "1 1 1  1 1  . . 1 1"]).unsqueeze(0))  # (a,2)
+    # chain r -> a, k = 2; the cache columns (all 1) come from model.KVCache.attention_mask
+    m = pseudo_mask(chain(1).mask, k=2)
+    #                      r a | (r,1) (r,2) (a,1) (a,2)
+    assert torch.equal(m, bools(["1 .  . . . .",     # r
+                                 "1 1  . . . .",     # a
+                                 "1 .  1 . . .",     # (r,1)
+                                 "1 .  1 1 . .",     # (r,2)
+                                 "1 1  . . 1 .",     # (a,1)
+                                 "1 1  . . 1 1"]))   # (a,2)
     assert pseudo_positions(torch.tensor([3, 4]), 2).tolist() == [4, 5, 5, 6]
 
 
@@ -175,11 +187,11 @@ def test_pseudo_rows_for_training_golden():
 
 def test_pseudo_mask_for_some_nodes():
     # the cheaper variant: only a gets pseudo tokens
-    m = pseudo_mask(chain(1).mask, n=3, k=2, nodes=[1])
-    assert torch.equal(m, bools(["1 1 1  1 .  . .",      # r
-                                 "1 1 1  1 1  . .",      # a
-                                 "1 1 1  1 1  1 .",      # (a,1)
-                                 "1 1 1  1 1  1 1"]).unsqueeze(0))  # (a,2)
+    m = pseudo_mask(chain(1).mask, k=2, nodes=[1])
+    assert torch.equal(m, bools(["1 .  . .",      # r
+                                 "1 1  . .",      # a
+                                 "1 1  1 .",      # (a,1)
+                                 "1 1  1 1"]))    # (a,2)
 
 
 def random_tree(rng, n_nodes, k, top_r):
@@ -199,7 +211,7 @@ def test_pseudo_mask_properties_on_random_trees():
         t = random_tree(rng, n_nodes=9, k=3, top_r=3)
         n, k, N = 4, 3, t.size
         nodes = list(range(N)) if trial % 2 == 0 else rng.sample(range(N), 4)
-        m = pseudo_mask(t.mask, n, k, nodes=nodes)[0]
+        m = torch.cat([torch.ones(N + len(nodes) * k, n, dtype=torch.bool), pseudo_mask(t.mask, k, nodes=nodes)], 1)
         P = len(nodes) * k
         assert m.shape == (N + P, n + N + P)
         assert not m[:N, n + N:].any(), "a real token must never see a pseudo token"
@@ -288,7 +300,7 @@ def test_masks_line_up_with_the_model(device):
                              t.slots(n), cache, stop=split)                  # (1, N, dim)
         pseudo = h.repeat_interleave(k, 1)                                   # (1, N*k, dim)
         pos = torch.cat([t.positions(n), pseudo_positions(t.positions(n), k)])
-        h = model.run_layers(torch.cat([h, pseudo], 1), pos, pseudo_mask(t.mask, n, k),
+        h = model.run_layers(torch.cat([h, pseudo], 1), pos, cache.attention_mask(pseudo_mask(t.mask, k), n),
                              t.slots(n), cache, start=split)
         with_pseudo = model.head(h)[:, :t.size]
 

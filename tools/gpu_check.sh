@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The prepared GPU check; gpu_check.py does the work. README, "On a GPU", says how to use it.
+# The prepared GPU check; tools/gpu_check.py does the work. docs/GPU.md says how to use it.
 #   ./gpu_check.sh --prepare          (here, online) fill gpu_assets/: the default model in two
 #                                     parts, the gguf and pytest wheels, MT-Bench, a ShareGPT excerpt
 #   ./gpu_check.sh OUT [--device cpu] (on the GPU, offline) join and sha256-check the model, then
 #                                     run gpu_check.py with whatever gpu_assets/ holds
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repository root: gpu_assets/ and the scripts live there
 A=gpu_assets
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  # SmolLM2-135M-Instruct.Q4_1.gguf
 
@@ -35,4 +35,4 @@ python -c "import pytest" 2> /dev/null || pip install --quiet --no-index --find-
   || echo "note: no pytest here and none in $A: the tests section will fail"
 [ -f $A/question.jsonl ] && extra+=(--mtbench $A/question.jsonl)
 [ -f $A/sharegpt.json ] && extra+=(--sharegpt $A/sharegpt.json)
-exec python gpu_check.py "$@" ${extra[@]+"${extra[@]}"}
+exec python tools/gpu_check.py "$@" ${extra[@]+"${extra[@]}"}

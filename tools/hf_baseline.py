@@ -4,9 +4,8 @@ weights, prompt, length, dtype and machine, measured in one run, alternating, me
 Every speedup in this project is divided by plain decoding's tokens/s, so plain decoding must be
 at least as fast as the usual library's. transformers is a test-time peer only (requirements-test.txt);
 it loads the same GGUF file. Both decode greedily with the end-of-sequence token disabled, so both
-emit exactly --max-new-tokens tokens; the outputs are also compared token for token. Read next: bench.py.
-
-    python hf_baseline.py --max-new-tokens 128 --reps 5
+emit exactly --max-new-tokens tokens; the outputs are also compared token for token. 
+    python tools/hf_baseline.py --max-new-tokens 128 --reps 5
 """
 
 import argparse
@@ -15,10 +14,15 @@ import statistics
 import sys
 import time
 
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # `python tools/x.py`: the root
+
 import torch
 
-from generate import (HelpFormatter, Sampler, add_common_args, check_common_args, describe_machine, encode_prompt, generate,
-                      int_range, load, run_main)
+from cli import (HelpFormatter, add_common_args, check_common_args, describe_machine, encode_prompt, int_range,
+                 load, run_main)
+from checkpoint import save_atomic
+from generate import Sampler, generate
+from weights import default_model_path
 
 
 def main(argv=None):
@@ -26,6 +30,8 @@ def main(argv=None):
                                      formatter_class=HelpFormatter)
     add_common_args(parser)
     parser.add_argument("--reps", type=int_range(1), default=5, help="timed generations per implementation")
+    parser.add_argument("--out", default="runs/hf_baseline.json", help="where the numbers are saved as JSON "
+                        "(tools/results.py reads them)")
     args = parser.parse_args(argv)
     check_common_args(args)
     try:
@@ -33,7 +39,7 @@ def main(argv=None):
     except ImportError:
         sys.exit("error: transformers is not installed: pip install -r requirements-test.txt")
     model, tok = load(args)
-    path = args.model or __import__("weights").default_model_path()
+    path = args.model or default_model_path()
     if not path.endswith(".gguf"):
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=model.output.weight.dtype)
     else:
@@ -62,14 +68,19 @@ def main(argv=None):
             fn()
             times[name].append(time.perf_counter() - t0)
 
+    speeds = {name: [n / t for t in ts] for name, ts in times.items()}
+    ratio = statistics.median(times["transformers"]) / statistics.median(times["ours"])
+    same = outputs["ours"] == outputs["transformers"]
     print(f"{describe_machine(args.device)}, {args.dtype}, prompt {len(prompt)} tokens, {n} new tokens, "
           f"median of {args.reps}\n")
     print("| implementation | tokens/s (median) | min - max |\n|---|---|---|")
-    for name, ts in times.items():
-        speeds = [n / t for t in ts]
-        print(f"| {name} | {statistics.median(speeds):.1f} | {min(speeds):.1f} - {max(speeds):.1f} |")
-    ratio = statistics.median(times["transformers"]) / statistics.median(times["ours"])
-    print(f"\nours / transformers: {ratio:.2f}x; same tokens: {outputs['ours'] == outputs['transformers']}")
+    for name, s in speeds.items():
+        print(f"| {name} | {statistics.median(s):.1f} | {min(s):.1f} - {max(s):.1f} |")
+    print(f"\nours / transformers: {ratio:.2f}x; same tokens: {same}")
+    save_atomic(args.out, {"machine": describe_machine(args.device), "dtype": args.dtype, "new_tokens": n,
+                           "prompt_tokens": len(prompt), "reps": args.reps, "tokens_per_s": speeds,
+                           "ratio": ratio, "same_tokens": same})
+    print(f"saved {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""A new drafter kind, defined in this file alone, goes through the project's real code paths:
-trained by train.py, saved and loaded by checkpoint.py, decoded losslessly by decode.py, benchmarked
-by bench.py. Nothing in the project is edited to admit it: it implements drafter.Drafter and is
-registered with checkpoint.register. And: no module imports a project module inside a function.
+"""Extending the method from one file: a new drafter kind, and a Hidden Transfer whose projection is
+a 2-layer MLP, each defined in this file alone, go through the project's real code paths: trained by
+train.py, saved and loaded by checkpoint.py, decoded losslessly by decode.py (greedy and seeded),
+benchmarked by bench.py. Nothing in the project is edited to admit them: they implement
+drafter.Drafter (or subclass transfer.HiddenTransfer) and are registered with checkpoint.register.
+And: no module imports a project module inside a function.
 """
 
 import ast
@@ -19,7 +21,8 @@ from decode import generate_tree
 from drafter import Drafter
 from generate import Sampler, generate
 from model import causal_mask
-from tree import Tree, after_cache
+from transfer import HiddenTransfer
+from tree import Tree
 
 
 class LastHidden(Drafter):
@@ -43,14 +46,14 @@ class LastHidden(Drafter):
     def tree_pass(self, model, tokens, pos, tree_mask, n, cache, nodes=None, depth=None):
         N = tokens.shape[1]
         slots = torch.arange(n, n + N)
-        h = model.run_layers(model.embed(tokens), pos, after_cache(tree_mask, n), slots, cache)[0]
+        h = model.run_layers(model.embed(tokens), pos, cache.attention_mask(tree_mask, n), slots, cache)[0]
         nodes = torch.arange(N) if nodes is None else torch.as_tensor(nodes)
         return h, self(h[nodes], depth)
 
     def draft_logits(self, model, states):
         return model.head(states)
 
-    def train_pass(self, model, ids, positions):
+    def train_pass(self, model, ids, positions, frozen=None):
         T, d = ids.shape[1], model.args.dim
         with torch.no_grad():
             h_L = model.run_layers(model.embed(ids), torch.arange(T), causal_mask(T))
@@ -70,7 +73,7 @@ def test_a_new_drafter_trains_decodes_and_benches(registered, tmp_path):
                              "--positions-per-seq", "6", "--warmup", "2", "--eval-every", "0",
                              "--tree-sizes", "2,4", "--drafter-checkpoint", path])
     out = train.run(args, model, fake_windows(8), fake_windows(2, seed=1))
-    assert out["finished"] and len(out["history"]) == 8 and len(out["eval"]["top1"]) == 3
+    assert out["finished"] and len(out["history"]) == 8 and len(out["eval"]["held-out"]["top1"]) == 3
 
     drafter, plan, note = load_drafter(model, path, "last-hidden")
     assert isinstance(drafter, LastHidden) and drafter.proj.weight.abs().sum() > 0, "it trained"
@@ -88,6 +91,56 @@ def test_a_new_drafter_trains_decodes_and_benches(registered, tmp_path):
     s = results["summary"]
     assert results["mismatches"] == [] and s["last-hidden"]["tokens"] == s["plain"]["tokens"]
     assert "| last-hidden |" in bench.report(results)
+
+
+class MLPTransfer(HiddenTransfer):
+    """Hidden Transfer with a 2-layer MLP for the projection: h~_(p,i) = h + (W2 SiLU(W1 h))_i, the
+    residual keeping the identity start (W2 = 0) that the linear projection has."""
+    kind, title = "mlp-transfer", "Hidden Transfer, MLP projection"
+
+    def projection(self, dim, k, bias):
+        mlp = nn.Sequential(nn.Linear(dim, 2 * dim, bias=bias), nn.SiLU(), nn.Linear(2 * dim, k * dim, bias=bias))
+        nn.init.zeros_(mlp[2].weight)
+        return Residual(mlp, k)
+
+
+class Residual(nn.Module):
+    def __init__(self, inner, k):
+        super().__init__()
+        self.inner, self.k = inner, k
+
+    def forward(self, h):                      # (..., dim) -> (..., k*dim): k copies of h, plus the MLP
+        return torch.cat([h] * self.k, dim=-1) + self.inner(h)
+
+
+@pytest.fixture
+def mlp():
+    register(MLPTransfer)
+    yield MLPTransfer
+    del DRAFTERS[MLPTransfer.kind]
+
+
+def test_an_mlp_projection_trains_decodes_losslessly_and_benches(mlp, tmp_path):
+    model, path = tiny(), str(tmp_path / "mlp.pt")
+    args = train.parse_args(["--drafter", "mlp-transfer", "--steps", "12", "--seq-len", "24", "--lr", "1e-2",
+                             "--k", "2", "--transfer-layer", "2", "--positions-per-seq", "6", "--warmup", "2",
+                             "--eval-every", "0", "--tree-sizes", "2,3", "--drafter-checkpoint", path])
+    out = train.run(args, model, fake_windows(8), fake_windows(2, seed=1))
+    assert out["finished"] and out["history"][-1] < out["history"][0]
+
+    drafter, plan, _ = load_drafter(model, path, "mlp-transfer")
+    assert isinstance(drafter, MLPTransfer) and isinstance(drafter.proj, Residual)
+    untrained = MLPTransfer(64, 2, 2)
+    assert any(not torch.equal(x, untrained.state_dict()[n]) for n, x in drafter.state_dict().items()), "it trained"
+    prompt = fake_windows(1, seed=2)[0][0][:10].tolist()
+    for t in (plan, Tree.parse("tree4", k=2)):
+        for sampler in (lambda: Sampler(), lambda: Sampler(0.8, 0.9, seed=5)):
+            ref = generate(model, prompt, 24, sampler())
+            assert generate_tree(model, drafter, prompt, t, 24, sampler()).tokens == ref.tokens
+
+    prompts = [("writing", ["Write a poem."]), ("math", ["What is 2 + 2?"])]
+    results = bench.run_bench(model, FakeTokenizer(), {"plain": None, "mlp-transfer": (drafter, plan)}, prompts, 12)
+    assert results["mismatches"] == [] and "| mlp-transfer |" in bench.report(results)
 
 
 def test_the_new_kind_is_a_choice_of_every_script(registered):

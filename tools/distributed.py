@@ -5,8 +5,8 @@
 Each rank (one process per GPU; nccl on GPUs, gloo on the CPU) holds the frozen model and a copy
 of the drafter, trains on its own shard of every global batch (--batch-size rows split over the
 ranks), and DDP averages the drafter's gradients. Rank 0 evaluates, saves and prints; the other
-ranks only train (train.run asks is_main()). One process without torchrun: nothing here does
-anything. Read train.py first.
+ranks only train. train.py applies all of it at one place (train.main: setup, wrap, shard). One
+process without torchrun: nothing here does anything. Read train.py first.
 """
 
 import atexit
@@ -24,16 +24,12 @@ def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def is_main() -> bool:
-    return world()[0] == 0
-
-
-def setup(args):
+def setup(args) -> tuple[int, int]:
     """Under torchrun (WORLD_SIZE > 1): join the process group, give this rank its own GPU, and
-    quiet the ranks after 0. Returns args. Without torchrun it returns args untouched."""
+    quiet the ranks after 0. Returns (rank, ranks): (0, 1) without torchrun, args untouched."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1 or dist.is_initialized():
-        return args
+        return world()
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if args.batch_size % size:
         sys.exit(f"error: --batch-size {args.batch_size} must split evenly over {size} processes")
@@ -48,30 +44,25 @@ def setup(args):
         os.environ["TQDM_DISABLE"] = "1"
         # every rank tokenises the same windows; its own cache folder, so no two write one file
         args.cache_dir = os.path.join(args.cache_dir, f"rank{dist.get_rank()}")
-    return args
+    return world()
 
 
 def shard(batches):
-    """This rank's rows of every global batch (ids, assistant): rows rank, rank + world, ..."""
+    """This rank's rows of every global batch (indices, ids, assistant): rows rank, rank + world, ..."""
     rank, size = world()
-    for ids, assistant in batches:
-        yield ids[rank::size], assistant[rank::size]
+    for batch in batches:
+        yield tuple(x[rank::size] for x in batch)
 
 
-_wrapped = {}
-
-
-def ddp(drafter):
+def wrap(drafter):
     """The drafter to train with: itself on one process. Under torchrun, a shallow copy of it (same
     class, same parameters, so train.py treats it alike) whose forward runs through one
     DistributedDataParallel wrapper, which averages the gradients over the ranks in backward."""
     if world()[1] == 1:
         return drafter
-    if id(drafter) not in _wrapped:
-        wrapper = DistributedDataParallel(drafter)  # broadcasts rank 0's weights to every rank
-        twin = copy.copy(drafter)
-        # twin(x) -> wrapper(x) -> drafter.forward(x); object.__setattr__, or nn.Module would register
-        # the wrapper as a submodule in the module dict that twin shares with drafter
-        object.__setattr__(twin, "forward", wrapper)
-        _wrapped[id(drafter)] = (drafter, twin)    # keeps drafter alive, so the id stays its own
-    return _wrapped[id(drafter)][1]
+    wrapper = DistributedDataParallel(drafter)  # broadcasts rank 0's weights to every rank
+    twin = copy.copy(drafter)
+    # twin(x) -> wrapper(x) -> drafter.forward(x); object.__setattr__, or nn.Module would register
+    # the wrapper as a submodule in the module dict that twin shares with drafter
+    object.__setattr__(twin, "forward", wrapper)
+    return twin

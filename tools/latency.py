@@ -3,10 +3,9 @@
 A tree of N nodes buys expected tau tokens per pass (tree.expected_tau) but a pass over N nodes,
 plus k pseudo tokens per node, is slower than plain decoding's one-token step; the speedup a tree
 can give is tau / (pass time / step time) (METHOD.md, "Metrics"). bench.py --latency prints this
-curve; train.py and analysis.py --select-tree choose their plan by it (select_plan), each pass
-timed in alternation with a one-token step (paired_times), so that a drifting machine cannot
-favour the plans timed at its fast moments.
-Read next: hf_baseline.py.
+curve; plan_search.select_plan (train.py's plan choice) times each candidate pass with tree_step,
+in alternation with a one-token step (paired_times), so that a drifting machine cannot favour the
+plans timed at its fast moments.
 """
 
 import statistics
@@ -16,7 +15,7 @@ import torch
 
 from generate import sync
 from model import KVCache
-from plan import Plan, choose_plan
+from plan import Plan
 from tree import Tree, build_tree, expected_tau
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -129,40 +128,3 @@ def latency_report(name: str, curve: dict) -> str:
         tau, sp = ("-", "-") if r["tau"] is None else (f"{r['tau']:.2f}", f"{r['speedup']:.2f}x")
         lines.append(f"| {r['nodes']} | {r['ms']:.1f} | {r['ratio']:.2f} | {tau} | {sp} |")
     return "\n".join(lines + (["(interrupted)"] if curve["interrupted"] else []))
-
-
-def select_plan(model, drafter, accept, sizes, n_ctx: int = CONTEXT, reps: int = REPS):
-    """The decoding plan (tree shape, which nodes carry pseudo tokens, how many) with the most
-    expected tokens per second on this machine: plan.choose_plan under the measured `accept` rates,
-    every pass shape timed here in alternation with a one-token step. Prints the best plan of each
-    size; returns (plan, table), table {"step_ms", "rows": [{"nodes", "plan", "tau", "ms", "ratio",
-    "speedup"}]}, best per size."""
-    dev, step = model.output.weight.device, plain_step(model, n_ctx)
-    step_s = _median_time(step, dev, reps)
-
-    def cost(plan):  # timed in alternation with a one-token step, then put at step_s's speed: plans
-        # timed minutes apart on a machine whose speed drifts are then ranked by their ratio to a step
-        pass_s, step_now_s = paired_times(tree_step(model, drafter, plan, n_ctx), step, dev, reps)
-        return pass_s / step_now_s * step_s
-    best, rows = choose_plan(accept, sizes, drafter.k, cost)
-    step_ms = 1000 * step_s
-    table = {"n_ctx": n_ctx, "reps": reps, "step_ms": step_ms, "rows": []}
-    for n in dict.fromkeys(p.tree.size for p, _, _ in rows):
-        p, tau, s = max((r for r in rows if r[0].tree.size == n), key=lambda r: r[1] / r[2])
-        table["rows"].append({"nodes": n, "plan": p.text(), "tau": tau, "ms": 1000 * s,
-                              "ratio": 1000 * s / step_ms, "speedup": tau * step_ms / (1000 * s)})
-    print(f"\nplan choice for {drafter.kind}: {len(rows)} plans, {n_ctx} cached tokens, median of {reps}; "
-          f"one-token step {step_ms:.1f} ms")
-    print(plan_report(table))
-    print(f"chosen: {best.text()}")
-    return best, table
-
-
-def plan_report(table: dict) -> str:
-    """The best plan of each tree size as a markdown table (E[...]: expected from the acceptance rates)."""
-    lines = ["| nodes | plan: tree [nodes with pseudo tokens x how many] | E[tau] | ms/pass (long-run mean) "
-             "| ratio to one-token step | E[speedup] |", "|---|---|---|---|---|---|"]
-    for r in table["rows"]:
-        lines.append(f"| {r['nodes']} | `{r['plan']}` | {r['tau']:.2f} | {r['ms']:.1f} | {r['ratio']:.2f} "
-                     f"| {r['speedup']:.2f}x |")
-    return "\n".join(lines)

@@ -4,9 +4,9 @@ GPU, written as markdown and JSON to a folder, in at most about 8 minutes on one
 Sections: the environment; the CUDA tests; the pass cost per tree size against a one-token step
 (SmolLM2-135M, and a Llama-2-7B-shaped model with random weights), eager and compiled, bf16; plain
 decoding tokens/s, eager and compiled; a short `train.py --preset gpu` of both drafters (which also
-chooses their plans by timing passes here: latency.select_plan); `bench.py --device cuda --compile`.
+chooses their plans by timing passes here: plan_search.select_plan); `bench.py --device cuda --compile`.
 Whatever needs the real model or data is skipped, with a note, where they are absent. `--device
-cpu` is a dry run at tiny sizes (CI runs it). README, "On a GPU", says how to get the files there.
+cpu` is a dry run at tiny sizes (CI runs it). docs/GPU.md says how to get the files there.
 """
 
 import argparse
@@ -18,15 +18,18 @@ import subprocess
 import sys
 import time
 
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # `python tools/x.py`: the root
+
 import torch
 
-from compiled import Compiled
-from generate import HelpFormatter, Sampler, float_range, generate
-from latency import CONTEXT, latency_curve, made_up_accept, paired_times, plain_step, tree_step
+from cli import HelpFormatter, float_range
+from generate import Sampler, generate
 from model import ModelArgs, Transformer
 from plan import Plan
 from transfer import HiddenTransfer
 from tree import build_tree
+from tools.compiled import Compiled
+from tools.latency import CONTEXT, latency_curve, made_up_accept, paired_times, plain_step, tree_step
 from weights import default_model_path, load_model
 
 LLAMA2_7B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, vocab_size=32000,
@@ -225,9 +228,9 @@ def main(argv=None):
             continue
         say(f"== train.py --preset gpu --drafter {kind} (short)")
         sizes = ["--steps", "2", "--seq-len", "64", "--conversations", "40", "--holdout", "4", "--batch-size", "1",
-                 "--positions-per-seq", "8", "--eval-windows", "4", "--tree-sizes", ""] if dry else [
-                 "--steps", "60", "--conversations", "1500", "--holdout", "50", "--eval-windows", "50",
-                 "--eval-every", "0", "--tree-sizes", "2,4,8,16,32"]
+                 "--positions-per-seq", "8", "--eval-windows", "4", "--tree-sizes", "", "--data", "sharegpt"] if dry else [
+                 "--steps", "60", "--conversations", "1500", "--holdout", "50", "--replies", "256", "--eval-windows",
+                 "50", "--eval-every", "0", "--tree-sizes", "2,4,8,16,32"]
         results["sections"][f"train {kind}"] = run_script(
             [py, "train.py", "--preset", "gpu", "--drafter", kind, *common, *sizes,
              "--drafter-checkpoint", ckpt, "--cache-dir", os.path.join(args.out, "runs")]

@@ -1,0 +1,247 @@
+"""docs/RESULTS.md, written from the JSON files the measuring commands save, never by hand:
+
+    python tools/hf_baseline.py                   # runs/hf_baseline.json: plain decoding against transformers
+    python train.py; python train.py --drafter medusa   # checkpoints/<kind>.json: held-out acceptance, the plan
+    python bench.py --latency --out runs/latency.json   # the pass cost per tree size
+    python bench.py                               # results.json: the benchmark
+    python tools/results.py                       # docs/RESULTS.md and its figures
+
+Each section says which file it came from; a file that is missing leaves its section out, with a
+line saying how to make it. The figures need matplotlib (an optional dependency: without it the
+tables are still written, and one line says so).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # `python tools/x.py`: the root
+
+from cli import HelpFormatter, run_main
+
+FIGURES = "figures"  # beside the markdown
+
+
+def read(path):
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def table(head, rows) -> list:
+    return [row(head), "|" + "---|" * len(head), *[row(r) for r in rows], ""]
+
+
+def slashes(xs, digits=2) -> str:
+    return " / ".join(f"{x:.{digits}f}" for x in xs)
+
+
+# ----------------------------------------------------------------------------- sections
+
+def hf_section(hf) -> list:
+    out = ["## Plain decoding against transformers", "",
+           f"`python tools/hf_baseline.py`: {hf['machine']}, {hf['dtype']}, the same GGUF and prompt "
+           f"({hf['prompt_tokens']} tokens), {hf['new_tokens']} new tokens, end of sequence disabled, the two "
+           f"taking turns, median of {hf['reps']}.", ""]
+    rows = [[name, f"{sorted(s)[len(s) // 2]:.1f}", f"{min(s):.1f} - {max(s):.1f}"] for name, s in hf["tokens_per_s"].items()]
+    return out + table(["implementation", "tokens/s (median)", "min - max"], rows) + [
+        f"Ours / transformers: **{hf['ratio']:.2f}x**; the same tokens: {hf['same_tokens']}.", ""]
+
+
+def train_section(runs: dict, figures) -> list:
+    out = ["## Held-out acceptance", "",
+           "How often each draft is the base model's own choice, per offset i (offset 1 drafts the token two "
+           "ahead), on fixed positions of two held-out sets: `own`, the base model's greedy replies to held-out "
+           "prompts (where decoding happens), and `sharegpt`, held-out ShareGPT conversations. From "
+           "`checkpoints/<kind>.json`, which `python train.py [--drafter KIND]` writes.", ""]
+    rows = []
+    for kind, r in runs.items():
+        a = r["train_args"]
+        for name, m in r["eval"].items():
+            rows.append([kind, a["data"], name, slashes(m["top1"]), slashes(m["top5"]), slashes(m["kl"]),
+                         f"{m['tau_chain']:.2f}", m["targets"]])
+    out += table(["drafter", "trained on", "held-out set", "top-1", "top-5", "KL", "simulated tau, chain",
+                  "positions"], rows)
+    for kind, r in runs.items():
+        a, minutes = r["train_args"], r.get("minutes", {})
+        out.append(f"- {kind}: {r['step']} steps ({a['steps']} asked), t = {a.get('transfer_layer') or '2L/3'}, "
+                   f"k = {a['k']}, lr {a['lr']}, {a['positions_per_seq']} positions per {a['seq_len']}-token window"
+                   + (f", {a['replies']} prompts answered ({a['reply_tokens']} tokens at most)" if a["data"] == "replies" else "")
+                   + "; minutes: " + ", ".join(f"{k} {v:.1f}" for k, v in minutes.items())
+                   + f"; {r.get('machine', '')}")
+    out.append("")
+    if figures is not None:
+        out += [f"![acceptance per offset]({figures('acceptance', plot_acceptance, runs)})", ""]
+    for kind, r in runs.items():
+        if r.get("plan_table"):
+            t = r["plan_table"]
+            out += [f"### The plan chosen for {kind}", "",
+                    f"From the `own` acceptance rates and this machine's pass times (one-token step "
+                    f"{t['step_ms']:.1f} ms, {t['n_ctx']} cached tokens, median of {t['reps']}); the best plan "
+                    "of each tree size, `tree [nodes with pseudo tokens x how many]`:", ""]
+            out += table(["nodes", "plan", "E[tau]", "ms/pass", "ratio to a step", "E[speedup]"],
+                         [[x["nodes"], f"`{x['plan']}`", f"{x['tau']:.2f}", f"{x['ms']:.1f}", f"{x['ratio']:.2f}",
+                           f"{x['speedup']:.2f}x"] for x in t["rows"]])
+            chosen = ";".join(",".join(map(str, p)) for p in r["tree"])
+            out += [f"Chosen: `{chosen} [nodes {','.join(map(str, r['pseudo_nodes']))} x {r['pseudo_depth']}]`.", ""]
+    return out
+
+
+def latency_section(lat, figures) -> list:
+    out = ["## What a verification pass costs", "",
+           f"`python bench.py --latency --out runs/latency.json`: {lat['env']['machine']}, {lat['env']['dtype']}. "
+           "One decoding step with the best tree of each size, every node carrying pseudo tokens, against a "
+           "plain one-token step.", ""]
+    for name, c in lat["latency"].items():
+        if c["step_ms"] is None:
+            continue
+        out += [f"{name}: one-token step {c['step_ms']:.1f} ms, {c['n_ctx']} cached tokens, median of {c['reps']}.", ""]
+        out += table(["nodes", "ms/pass", "ratio to a step", "E[tau]", "E[speedup]"],
+                     [[x["nodes"], f"{x['ms']:.1f}", f"{x['ratio']:.2f}", "-" if x["tau"] is None else f"{x['tau']:.2f}",
+                       "-" if x["speedup"] is None else f"{x['speedup']:.2f}x"] for x in c["rows"]])
+    if figures is not None:
+        out += [f"![pass cost per tree size]({figures('pass_cost', plot_latency, lat)})", ""]
+    return out
+
+
+def bench_section(path, b, figures) -> list:
+    s, env = b["settings"], b["env"]
+    mode = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}, top-p {s['top_p']}"
+    out = [f"## The benchmark: `{path}`", "",
+           f"`python bench.py`: MT-Bench, {s['prompts']} prompts x {s['turns']} turn(s), {s['max_new_tokens']} new "
+           f"tokens, {mode}, methods taking turns prompt by prompt{', compiled' if s.get('compile') else ''}; "
+           f"{env['machine']}, {env['dtype']}, load average {env['load_average']} at the start.", ""]
+    rows = []
+    for m, r in b["summary"].items():
+        sp = r["speedup"]
+        rows.append([m, f"{r['tokens_per_s']['median']:.1f}", f"{sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f})",
+                     f"{r['tau']:.2f}", slashes(r["alpha"]) or "-", f"{r['ms_per_pass']:.1f}", r["mismatches"]])
+    out += table(["method", "tokens/s (median)", "speedup (min-max)", "tau", "alpha_1 / ..", "ms/pass",
+                  "mismatches"], rows)
+    methods = list(b["summary"])
+    out += table(["category", *methods], [[cat, *[f"{per[m]['speedup']['median']:.2f}x / {per[m]['tau']:.2f}"
+                                                  for m in methods]] for cat, per in b["categories"].items()])
+    out += [f"Plan of {m}: `{t['plan']}`" for m, t in b["trees"].items() if t] + [""]
+    out += [f"Mismatch: {x['method']} on prompt {x['prompt']} from token {x['position']}: {x.get('class')}, "
+            f"top-2 gap {x.get('gap')}" for x in b["mismatches"]]
+    if figures is not None:
+        name = "speedup_" + os.path.splitext(os.path.basename(path))[0]
+        out += [f"![speedup per category]({figures(name, plot_categories, b)})", ""]
+    return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+def plot_acceptance(plt, runs):
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for kind, r in runs.items():
+        for name, m in r["eval"].items():
+            ax.plot(range(1, len(m["top1"]) + 1), m["top1"], marker="o", label=f"{kind}, {name}")
+    ax.set(xlabel="offset i (drafts the token i+1 ahead)", ylabel="held-out top-1", ylim=(0, 1),
+           title="Draft = the model's own choice")
+    ax.legend()
+    return fig
+
+
+def plot_latency(plt, lat):
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, c in lat["latency"].items():
+        ax.plot([x["nodes"] for x in c["rows"]], [x["ratio"] for x in c["rows"]], marker="o", label=name)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set(xscale="log", xlabel="tree nodes", ylabel="pass time / one-token step", title="What a pass costs")
+    ax.legend()
+    return fig
+
+
+def plot_categories(plt, b):
+    methods = [m for m in b["summary"] if m != "plain"]
+    cats = list(b["categories"])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / max(1, len(methods))
+    for j, m in enumerate(methods):
+        ax.bar([i + j * width for i in range(len(cats))], [b["categories"][c][m]["speedup"]["median"] for c in cats],
+               width, label=m)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(cats))], cats, rotation=30)
+    ax.set(ylabel="speedup over plain decoding", title="MT-Bench, per category")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def figure_maker(folder):
+    """A function (name, plot, data) -> relative path of the PNG it wrote; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, so no figures (pip install matplotlib); the tables are written")
+        return None
+    os.makedirs(os.path.join(folder, FIGURES), exist_ok=True)
+
+    def make(name, plot, data):
+        fig = plot(plt, data)
+        fig.savefig(os.path.join(folder, FIGURES, f"{name}.png"), dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return f"{FIGURES}/{name}.png"
+    return make
+
+
+def write(args) -> str:
+    hf, lat = read(args.hf), read(args.latency)
+    runs = {os.path.splitext(os.path.basename(p))[0]: r for p in args.train if (r := read(p))}
+    benches = {p: b for p in args.bench if (b := read(p))}
+    figures = figure_maker(os.path.dirname(os.path.abspath(args.out)))
+    out = ["# Results", "", f"Written by `python tools/results.py` on {datetime.date.today()} at commit "
+           f"`{commit()}` from the files each section names; every number is fp32 unless it says otherwise.", ""]
+    sections = [(hf, lambda: hf_section(hf), f"{args.hf}: `python tools/hf_baseline.py`"),
+                (runs, lambda: train_section(runs, figures), "checkpoints/*.json: `python train.py`"),
+                (lat, lambda: latency_section(lat, figures),
+                 f"{args.latency}: `python bench.py --latency --out {args.latency}`"),
+                (benches, lambda: [line for path, b in benches.items() for line in bench_section(path, b, figures)],
+                 "results.json: `python bench.py`")]
+    missing = []
+    for data, section, how in sections:
+        if data:
+            out += section()
+        else:
+            missing.append(how)
+    if missing:
+        out += ["## Not measured yet", ""] + [f"- {m}" for m in missing] + [""]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(out))
+    print(f"wrote {args.out}" + (f"; not measured yet: {len(missing)} sections" if missing else ""))
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--train", nargs="*", default=["checkpoints/transfer.json", "checkpoints/medusa.json"],
+                   help="train.py's JSON summaries")
+    p.add_argument("--bench", nargs="*", default=["results.json"], help="bench.py's results, one section each")
+    p.add_argument("--latency", default="runs/latency.json", help="bench.py --latency's results")
+    p.add_argument("--hf", default="runs/hf_baseline.json", help="tools/hf_baseline.py's results")
+    p.add_argument("--out", default="docs/RESULTS.md", help="the markdown written (figures beside it)")
+    return write(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_main(main)
