@@ -54,8 +54,9 @@ def grade(n: int, first_failure: bool = False) -> tuple[int, int]:
     module = importlib.import_module(name)
     checks = [(fn, hint) for mod, fn, hint in CHECKS if mod == module.__name__]
     print(f"assignment {n}: {ASSIGNMENTS[n][0]} (handout: assignments/{HANDOUTS[n]})")
-    passed = 0
+    passed = ran = 0
     for fn, hint in checks:
+        ran += 1
         t0 = time.perf_counter()
         use_alarm = hasattr(signal, "SIGALRM")
         if use_alarm:
@@ -79,7 +80,8 @@ def grade(n: int, first_failure: bool = False) -> tuple[int, int]:
             print(f"  FAIL  {label}: {why}\n        hint: {hint}")
             if first_failure:
                 break
-    print(f"assignment {n}: {passed}/{len(checks)} checks passed")
+    stopped = f" ({len(checks) - ran} not run: --first-failure)" if ran < len(checks) else ""
+    print(f"assignment {n}: {passed}/{ran} checks passed{stopped}")
     return passed, len(checks)
 
 

@@ -15,7 +15,7 @@ import sys
 # The one table to update when a function moves: assignment -> (title, [(file, qualified name)]).
 ASSIGNMENTS = {
     1: ("attention with positions, slots and a mask; the KV cache",
-        [("model.py", "Attention.forward"), ("model.py", "KVCache.move")]),
+        [("model.py", "Attention.forward"), ("model.py", "KVCache.update"), ("model.py", "KVCache.move")]),
     2: ("the token tree: buffers, positions, slots and the ancestor mask",
         [("tree.py", "Tree.__init__"), ("tree.py", "Tree.positions"), ("tree.py", "Tree.slots"),
          ("tree.py", "Tree.tokens")]),
@@ -23,10 +23,11 @@ ASSIGNMENTS = {
         [("tree.py", "pseudo_rows"), ("tree.py", "pseudo_positions"), ("tree.py", "pseudo_mask"),
          ("transfer.py", "HiddenTransfer.tree_pass")]),
     4: ("the acceptance walk, cache compaction, the plan's fallback and the decoding loop",
-        [("decode.py", "accept"), ("decode.py", "generate_tree"), ("plan.py", "Plan.source")]),
+        [("decode.py", "accept"), ("decode.py", "next_drafts"), ("decode.py", "generate_tree"),
+         ("plan.py", "Plan.source")]),
     5: ("self-distillation: the pseudo tokens of a window, the teacher and the KL loss",
-        [("transfer.py", "HiddenTransfer.pseudo_inputs"), ("train.py", "teacher_logprobs"),
-         ("train.py", "distill_loss")]),
+        [("transfer.py", "HiddenTransfer.pseudo_inputs"), ("distill.py", "teacher_logprobs"),
+         ("distill.py", "distill_loss")]),
     6: ("choosing a tree: acceptance probabilities, expected tau and the tree builder (then open-ended)",
         [("tree.py", "node_accept_probs"), ("tree.py", "expected_tau"), ("tree.py", "build_tree")]),
 }

@@ -28,11 +28,14 @@ PLANTED = {
          "g = self.n_heads // self.n_kv\n        y = F.scaled_dot_product_attention("
          "q, k.repeat(1, g, 1, 1), v.repeat(1, g, 1, 1), attn_mask=mask.unsqueeze(1))",
          "kv heads tiled with repeat instead of repeat_interleave"),
-        ("model.py", "cache.k[layer, :, :, slots] = k[:, :, :n_cached].permute(2, 0, 1, 3)  # (n, B, n_kv, hd):\n"
-                     "                cache.v[layer, :, :, slots] =",
-         "cache.k[self.layer, :, :, :n_cached] = k[:, :, :n_cached]  #\n"
-         "                cache.v[self.layer, :, :, :n_cached] = v[:, :, :n_cached]  #",
-         "K/V written to the first slots instead of the given ones")],
+        ("model.py", "self.k[layer][:, :, slots] = k\n        self.v[layer][:, :, slots] = v",
+         "self.k[layer][:, :, :k.shape[2]] = k\n        self.v[layer][:, :, :v.shape[2]] = v",
+         "K/V written to the first slots instead of the given ones"),
+        ("model.py", "self.k[layer][:, :, slots] = k\n        self.v[layer][:, :, slots] = v",
+         "self.k[layer][:1, :, slots] = k[:1]\n        self.v[layer][:1, :, slots] = v[:1]",
+         "K/V written for batch row 0 only"),
+        ("model.py", "attn_mask=mask.unsqueeze(1),", "attn_mask=mask[:1].unsqueeze(1),",
+         "batch row 0's mask applied to every row")],
     2: [("tree.py", "return n + self.depths", "return n + torch.arange(self.size, device=self.depths.device)",
          "siblings given different positions"),
         ("tree.py", "self.mask[i, self.path_to(i)] = True", "self.mask[i, self.path_to(i)[:-1]] = True",
@@ -40,7 +43,12 @@ PLANTED = {
         ("tree.py", "self.mask[i, self.path_to(i)] = True", "self.mask[self.path_to(i), i] = True",
          "descendants instead of ancestors (the mask transposed)"),
         ("tree.py", "self.ranks = torch.tensor([p[-1] if p else 0", "self.ranks = torch.tensor([p[0] if p else 0",
-         "a node's rank read from the first step of its path")],
+         "a node's rank read from the first step of its path"),
+        ("tree.py", "            if top_r is not None and max(p) >= top_r:\n                raise ValueError(f\"tree "
+                    "path {p} uses rank {max(p)} but the drafts keep only top_r={top_r}\")\n", "",
+         "a rank of top_r or more accepted"),
+        ("tree.py", "if k < self.depth or top_r <= int(self.ranks.max()):", "if top_r <= int(self.ranks.max()):",
+         "drafts with fewer rows than the tree's depth accepted")],
     3: [("tree.py", "real = torch.cat([tree_mask, torch.zeros(N, pseudo.shape[0], dtype=torch.bool, device=dev)], 1)",
          "real = torch.cat([tree_mask, torch.ones(N, pseudo.shape[0], dtype=torch.bool, device=dev)], 1)",
          "real rows can see pseudo tokens"),
@@ -52,10 +60,13 @@ PLANTED = {
          "offsets = torch.arange(k, device=owner_positions.device)", "pseudo (a,i) at position pos(a)+i-1"),
         ("transfer.py", "h = model.run_layers(h, all_pos, mask, slots, cache, t, model.args.n_layers)",
          "h = model.run_layers(h, all_pos, mask, slots, cache, t + 1, model.args.n_layers)",
-         "the second half starts one layer late")],
+         "the second half starts one layer late"),
+        ("transfer.py", "        if not 1 <= depth <= self.k:\n            raise ValueError(f\"depth {depth} must be "
+                        "from 1 to k={self.k}\")\n", "", "a depth outside 1..k accepted")],
     4: [("decode.py", "        if child is None:\n            return path, emitted\n",
          "        if child is None:\n            return path, emitted[:-1]\n", "the bonus token dropped"),
-        ("decode.py", "cache.move(tree.slots(n)[path_t], ", "cache.move(tree.positions(n)[path_t], ",
+        ("decode.py", "cache.move(tree.slots(n)[torch.tensor(path, device=dev)], ",
+         "cache.move(tree.positions(n)[torch.tensor(path, device=dev)], ",
          "compaction copies the wrong slots (positions taken for slots)"),
         ("decode.py", "lambda v: sampler(logits[v])", "[sampler(row) for row in logits].__getitem__",
          "a fresh random draw per tree node instead of one per emitted token"),
@@ -63,18 +74,22 @@ PLANTED = {
          "the next drafts from the shallowest carrying ancestor, not the deepest"),
         ("plan.py", "u, shift = path[depth_u], depth_v - depth_u", "u, shift = path[depth_u], depth_v - depth_u - 1",
          "the fallback's shift off by one"),
-        ("decode.py", "drafts = node_drafts[row, shift:]", "drafts = node_drafts[row]",
-         "an ancestor's drafts used unshifted")],
-    5: [("train.py", "kl = (logp.exp() * (logp - logq)).sum(-1)", "kl = (logq.exp() * (logq - logp)).sum(-1)",
+        ("decode.py", "node_drafts[row, shift:shift + avail] if avail", "node_drafts[row, :avail] if avail",
+         "an ancestor's drafts used unshifted"),
+        ("decode.py", "if avail else node_drafts.new_zeros(0, node_drafts.shape[-1])", "if avail else node_drafts[0]",
+         "a root-only step replaced by a full tree of the root's stale drafts")],
+    5: [("distill.py", "kl = (logp.exp() * (logp - logq)).sum(-1)", "kl = (logq.exp() * (logq - logp)).sum(-1)",
          "KL with its arguments swapped"),
-        ("train.py", "rows = (positions[..., None] + torch.arange(1, k + 1, device=h_L.device))",
+        ("distill.py", "rows = (positions[..., None] + torch.arange(1, k + 1, device=h_L.device))",
          "rows = (positions[..., None] + torch.arange(k, device=h_L.device))", "the teacher read one position off"),
         ("transfer.py", "sees = torch.arange(T, device=h_t.device) <= positions[..., None]",
          "sees = torch.arange(T, device=h_t.device) < positions[..., None]", "pseudo (p,i) cannot see x_p"),
         ("transfer.py", "return x, pseudo_positions(positions, self.k), pseudo_rows(sees, self.k)",
          "return x, pseudo_positions(positions - 1, self.k), pseudo_rows(sees, self.k)",
          "pseudo (p,i) at position p+i-1"),
-        ("train.py", "/ valid.sum().clamp(min=1)", "/ valid.numel()", "the loss averaged over invalid targets too")],
+        ("distill.py", "/ valid.sum().clamp(min=1)", "/ valid.numel()", "the loss averaged over invalid targets too"),
+        ("transfer.py", "x = self(src).flatten(1, 2)", "x = self.proj(src).unflatten(-1, (self.k, self.dim)).flatten(1, 2)",
+         "h^t fed to the projection's weights in the model's dtype (no cast: a bf16 model fails)")],
     6: [("tree.py", "return 1.0 + float(node_accept_probs(tree, accept)[1:].sum())",
          "return float(node_accept_probs(tree, accept)[1:].sum())", "tau without the bonus token"),
         ("tree.py", "node_rate[0] = 1.0", "node_rate[0] = rates[0, 0]", "the root counted as a guess"),
@@ -82,7 +97,24 @@ PLANTED = {
          "torch.where(mask.T, node_rate[None, :], torch.ones(())).prod(-1)",
          "a node's probability taken over its descendants, not its ancestors"),
         ("tree.py", "-p * float(rates[len(path), r])", "-float(rates[len(path), r])",
-         "nodes ranked by their own rate, not their path's probability")],
+         "nodes ranked by their own rate, not their path's probability"),
+        ("tree.py", "    paths, frontier = [], []", "    if n_nodes > 1 + k * top_r:\n        raise ValueError("
+                    "f\"n_nodes={n_nodes}: at most {1 + k * top_r} nodes\")\n    paths, frontier = [], []",
+         "a tree's capacity taken as 1 + k * top_r"),
+        ("tree.py", "    if rates.shape[0] < tree.depth or rates.shape[1] <= int(tree.ranks.max()):\n        raise",
+         "    if False:\n        raise", "rates too small for the tree accepted")],
+}
+
+
+# assignment -> [(file, reference text, a correct solution written otherwise, what it does)]: these must pass
+ALTERNATIVES = {
+    1: [("model.py", "self.k[layer][:, :, slots] = k\n        self.v[layer][:, :, slots] = v",
+         "self.k[layer].index_copy_(2, slots, k)\n        self.v[layer].index_copy_(2, slots, v)",
+         "K/V written with index_copy_ along the slot axis")],
+    4: [("decode.py", "    return node_drafts[row, shift:shift + avail] if avail else node_drafts.new_zeros(0, "
+                      "node_drafts.shape[-1])",
+         "    if avail == 0:\n        return node_drafts[:0, 0]\n    return node_drafts[row].narrow(0, shift, avail)",
+         "next drafts sliced with narrow, none as an empty slice")],
 }
 
 
@@ -128,7 +160,8 @@ def test_student_copy_fails_clearly(n, tmp_path):
 def test_all_cut_copy_still_imports_and_runs_its_scripts(tmp_path):
     out = tmp_path / "copy"
     assert run(["assignments/make.py", "all", "--out", str(out)], ROOT).returncode == 0
-    r = run(["-c", "import model, tree, transfer, decode, train, analysis, bench, latency, medusa, plan"], out)
+    r = run(["-c", "import model, tree, transfer, plan, generate, decode, distill, evaluate, replies, train, bench, "
+                   "medusa, tools.analysis, tools.latency, tools.plan_search, tools.compiled"], out)
     assert r.returncode == 0, r.stderr
     r = run(["tree.py", "--help"], out)
     assert r.returncode == 0 and "--pseudo" in r.stdout
@@ -157,3 +190,18 @@ def test_planted_mistake_fails_a_check(n, i, tmp_path):
         f.write(src.replace(right, wrong))
     r = run(["assignments/grade.py", str(n), "--first-failure"], out)
     assert r.returncode == 1 and "FAIL" in r.stdout, f"the grader passed a wrong solution ({what}):\n{r.stdout}"
+
+
+@pytest.mark.parametrize("n,i", [(n, i) for n in sorted(ALTERNATIVES) for i in range(len(ALTERNATIVES[n]))],
+                         ids=[f"{n}-{m[3].replace(' ', '_')}" for n in sorted(ALTERNATIVES) for m in ALTERNATIVES[n]])
+def test_a_correct_solution_written_otherwise_passes(n, i, tmp_path):
+    path, right, other, what = ALTERNATIVES[n][i]
+    out = str(tmp_path / "copy")
+    make.make([], ROOT, out)
+    with open(os.path.join(out, path)) as f:
+        src = f.read()
+    assert src.count(right) == 1, f"{what}: the reference text is not in {path} exactly once (update ALTERNATIVES)"
+    with open(os.path.join(out, path), "w") as f:
+        f.write(src.replace(right, other))
+    r = run(["assignments/grade.py", str(n)], out)
+    assert r.returncode == 0 and "FAIL" not in r.stdout, f"the grader rejected a right answer ({what}):\n{r.stdout}"

@@ -1,5 +1,6 @@
-"""Assignment 1: model.Attention.forward (positions, cache slots, mask, ephemeral tokens) and
-model.KVCache.move. The reference is a slow attention written with one loop per head."""
+"""Assignment 1: model.Attention.forward (positions, cache slots, mask, ephemeral tokens),
+model.KVCache.update and model.KVCache.move. The reference is a slow attention written with one loop
+per head, one sequence at a time."""
 
 import math
 
@@ -86,8 +87,8 @@ def check_cached_decoding_matches_full_forward():
     close(torch.cat(got), ref, "logits of a prefill plus one-token steps")
 
 
-@check("a token's cache slot is not its position: write K/V exactly at `slots` (index_copy along the "
-       "slot axis) and let the mask decide which slots are seen")
+@check("a token's cache slot is not its position: KVCache.update writes K/V exactly at `slots` (the slot "
+       "axis, dim 2 of a layer's (B, n_kv, max_len, hd)) and the mask decides which slots are seen")
 def check_slots_are_not_positions():
     from model import KVCache
     model, n = tiny_model(5), 5
@@ -125,6 +126,32 @@ def check_ephemeral_tokens():
     close(got, ref[n:], "logits of one cached and two ephemeral tokens")
     expect(bool((cache.k[:, :, :, n + 1:] == 0).all() and (cache.v[:, :, :, n + 1:] == 0).all()),
            "ephemeral tokens were written into the cache")
+
+
+@check("a batch of two: each row has its own positions (B, T) and mask (B, T, S), and both rows are "
+       "written to the shared cache slots; apply each row's mask to its own row, write every row's K/V")
+def check_a_batch_with_a_mask_per_row():
+    from model import KVCache
+    model, n = tiny_model(8), 6
+    g = torch.Generator().manual_seed(8)
+    x = torch.randint(0, model.args.vocab_size, (2, n + 2), generator=g)
+    cache = KVCache(model.args, 2, 16)
+    # row 0 is a plain sequence; row 1 starts with two pad slots that its mask hides (as batched
+    # generation does), so its positions start two later
+    pos = torch.stack([torch.arange(n), (torch.arange(n) - 2).clamp(min=0)])           # (2, n)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    visible = torch.ones(2, n, dtype=torch.bool)
+    visible[1, :2] = False
+    mask = (causal[None] & visible[:, None, :]) | torch.eye(n, dtype=torch.bool)       # (2, n, n)
+    with torch.no_grad():
+        model(x[:, :n], pos, mask, torch.arange(n), cache)
+        step_mask = torch.cat([visible, torch.ones(2, 1, dtype=torch.bool)], 1)[:, None]  # (2, 1, n + 1)
+        got = model(x[:, n:n + 1], pos[:, -1:] + 1, step_mask, torch.tensor([n]), cache)[:, 0]
+    for b, start in ((0, 0), (1, 2)):  # each row alone: its own tokens, positions from 0
+        seq = x[b, start:n + 1]
+        T = len(seq)
+        ref = reference_logits(model, seq, torch.arange(T), torch.ones(T, T, dtype=torch.bool).tril())
+        close(got[b], ref[-1], f"logits of batch row {b} after a prefill of two rows with different masks")
 
 
 @check("move copies keys AND values, in every layer and head, from slots src to slots dst "

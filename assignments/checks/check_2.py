@@ -61,7 +61,7 @@ def check_positions_versus_slots():
 
 
 @check("tokens(root, top)[i] is top[depth-1, rank] of node i (the rank-th token of q_depth), the root's "
-       "is root; drafts too small for the tree raise ValueError")
+       "is root; drafts too small for the tree (too few ranks, or fewer rows than its depth) raise ValueError")
 def check_node_tokens():
     g = torch.Generator().manual_seed(0)
     for given, tree in trees():
@@ -70,19 +70,23 @@ def check_node_tokens():
         want = [7] + [int(top[len(p) - 1, p[-1]]) for p in paths[1:]]
         expect(tree.tokens(7, top).tolist() == want, f"tokens for {given}")
     from tree import Tree
-    try:
-        Tree([(0,), (0, 2)]).tokens(7, torch.zeros(2, 2, dtype=torch.long))
-    except ValueError:
-        return
-    raise AssertionError("drafts with 2 ranks accepted for a tree that reads rank 2")
+    for tree, top, what in [(Tree([(0,), (0, 2)]), torch.zeros(2, 2, dtype=torch.long), "2 ranks for a tree "
+                             "that reads rank 2"),
+                            (Tree([(0,), (0, 0), (0, 0, 0)]), torch.zeros(2, 4, dtype=torch.long), "drafts for 2 "
+                             "offsets for a tree of depth 3")]:
+        try:
+            tree.tokens(7, top)
+        except ValueError:
+            continue
+        raise AssertionError(f"tokens() accepted {what}")
 
 
 @check("refuse bad shapes with ValueError: a path without its parent, a path listed twice, a path "
-       "deeper than k, an empty path")
+       "deeper than k, a rank of top_r or more, an empty path")
 def check_rejects_bad_paths():
     from tree import Tree
     for bad, kw in [([(0, 0)], {}), ([(0,), (1, 0)], {}), ([(0,), (0,)], {}), ([(0,), (0, 0)], {"k": 1}),
-                    ([()], {})]:
+                    ([(0,), (2,)], {"top_r": 2}), ([(0,), (0, 1)], {"top_r": 1}), ([()], {})]:
         try:
             Tree(bad, **kw)
         except ValueError:

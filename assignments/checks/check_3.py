@@ -59,30 +59,29 @@ def check_pseudo_rows_brute_force():
                    f"pseudo_rows wrong for sees {shape}, k={k}:\n{got.reshape(-1, M * k, C + M * k)[b].int()}")
 
 
-@check("rows and columns are [cache | N nodes | pseudo tokens node-major]; a real row sees the cache, "
-       "its ancestors and itself and NO pseudo token; pseudo (a,i) sees what a sees, a, and (a,j<=i)")
+@check("rows and columns are [N nodes | pseudo tokens node-major] (cache columns come from "
+       "KVCache.attention_mask); a real row sees its ancestors and itself and NO pseudo token; pseudo (a,i) "
+       "sees what a sees, a, and (a,j<=i)")
 def check_pseudo_mask_brute_force():
     from tree import Tree, pseudo_mask
     for seed in range(8):
         tree = Tree(random_paths(seed, 1 + seed), k=3)
         paths = [tuple(p) for p in tree.paths]
         N = tree.size
-        for n, k, nodes in [(0, 1, None), (3, 2, None), (2, 3, list(range(N))[::-2])]:
+        for k, nodes in [(1, None), (2, None), (3, list(range(N))[::-2])]:
             owners = list(range(N)) if nodes is None else nodes
             rows = [("real", a, 0) for a in range(N)] + [("pseudo", a, i) for a in owners for i in range(1, k + 1)]
-            want = torch.zeros(len(rows), n + len(rows), dtype=torch.bool)
+            want = torch.zeros(len(rows), len(rows), dtype=torch.bool)
             for r, (kind, a, i) in enumerate(rows):
-                want[r, :n] = True
                 for c, (kind2, b, j) in enumerate(rows):
                     if kind2 == "real":
-                        want[r, n + c] = is_ancestor_or_self(paths[b], paths[a])
+                        want[r, c] = is_ancestor_or_self(paths[b], paths[a])
                     else:
-                        want[r, n + c] = kind == "pseudo" and b == a and j <= i
-            got = pseudo_mask(tree.mask, n, k, None if nodes is None else torch.tensor(nodes))
-            expect(got.shape == (1, len(rows), n + len(rows)), f"mask shape {tuple(got.shape)}, expected "
-                   f"{(1, len(rows), n + len(rows))} (tree {tree.paths[1:]}, n={n}, k={k})")
-            expect(torch.equal(got[0], want), f"pseudo mask wrong for tree {tree.paths[1:]}, n={n}, k={k}, "
-                   f"nodes={nodes}")
+                        want[r, c] = kind == "pseudo" and b == a and j <= i
+            got = pseudo_mask(tree.mask, k, None if nodes is None else torch.tensor(nodes))
+            expect(got.shape == (len(rows), len(rows)), f"mask shape {tuple(got.shape)}, expected "
+                   f"{(len(rows), len(rows))} (tree {tree.paths[1:]}, k={k})")
+            expect(torch.equal(got, want), f"pseudo mask wrong for tree {tree.paths[1:]}, k={k}, nodes={nodes}")
 
 
 @check("tree_pass runs layers 1..t over the nodes (ancestor mask, cache slots n..n+N-1); each node's "
@@ -117,6 +116,18 @@ def check_tree_pass_pseudo_states():
                 h = torch.cat([h_t, ht(h_t[-1], d)])                          # (len + d, dim)
                 ref = final_states(model, None, t, L, h=h)[len(seq):]         # (d, dim)
                 close(states[m], ref, f"pseudo states of node {a} (transfer layer {t}, depth {d})")
+
+
+@check("tree_pass refuses a depth outside 1..k with ValueError (there are only k maps W_i)")
+def check_tree_pass_refuses_a_bad_depth():
+    model, tree, ctx, tokens, cache, ht = setup(6)
+    for depth in (0, ht.k + 1):
+        try:
+            with torch.no_grad():
+                ht.tree_pass(model, tokens, len(ctx) + tree.depths, tree.mask, len(ctx), cache, None, depth)
+        except ValueError:
+            continue
+        raise AssertionError(f"tree_pass accepted depth={depth} for k={ht.k}")
 
 
 @check("only the N nodes are written to the cache (slots n..n+N-1, the same K/V as a plain pass with "

@@ -1,6 +1,7 @@
-"""Assignment 4: decode.accept (the acceptance walk), plan.Plan.source (where the next drafts come
-from) and decode.generate_tree (the step loop, cache compaction, plans), against a brute-force
-walk, a brute-force search over the accepted path, and plain decoding, greedy and seeded."""
+"""Assignment 4: decode.accept (the acceptance walk), plan.Plan.source and decode.next_drafts (where
+the next drafts come from) and decode.generate_tree (the step loop, cache compaction, plans), against
+a brute-force walk, a brute-force search over the accepted path, and plain decoding, greedy and
+seeded; the tree of every pass is observed too."""
 
 import random
 
@@ -186,23 +187,29 @@ def check_plan_source_brute_force():
                    "(row in nodes, shift, drafts available)")
 
 
-def perfect_accepted(plan, max_new: int) -> list:
-    """Accepted drafts per pass when every draft is right: the walk follows the rank-0 path of the
-    tree cut to the drafts available; the next drafts are those that reach furthest past its end."""
+def perfect_run(plan, max_new: int) -> tuple:
+    """(accepted drafts per pass, nodes verified per pass) when every draft is right: the walk follows
+    the rank-0 path of the tree cut to the drafts available (no drafts: the root alone); the next
+    drafts are those that reach furthest past its end."""
     zero = [0] + [plan.tree.paths.index((0,) * d) for d in range(1, plan.tree.depth + 1)
                   if (0,) * d in plan.tree.paths]                 # the rank-0 chain's node indices
-    out, left, avail = [], max_new - 1, plan.depth                # the prefill emits one token
+    out, sizes, left, avail = [], [], max_new - 1, plan.depth     # the prefill emits one token
     while left > 0:
+        sizes.append(sum(len(p) <= avail for p in plan.tree.paths))  # the tree cut to `avail` offsets
         acc = min(len(zero) - 1, avail, left - 1)
         out.append(acc)
         left -= acc + 1
         avail = reach_source(plan, zero[:acc + 1])[2]
-    return out
+    return out, sizes
 
 
-@check("with a plan, step 5 takes the next drafts from Plan.source (states[row, shift:]), cuts the next "
-       "tree to the drafts there are, and runs a root-only step when there are none; every plan stays "
-       "lossless")
+def perfect_accepted(plan, max_new: int) -> list:
+    return perfect_run(plan, max_new)[0]
+
+
+@check("with a plan, step 5 takes the next drafts from Plan.source (next_drafts: node_drafts[row, shift:"
+       "shift + available]), cuts the next tree to the drafts there are, and runs a root-only step when there "
+       "are none; every plan stays lossless")
 def check_plans_fallback_and_lossless():
     from decode import generate_tree
     from generate import Sampler, generate
@@ -226,3 +233,29 @@ def check_plans_fallback_and_lossless():
             for drafter in (oracle_drafter(model, prompt + ref, seed=seed), random_transfer(model, 2, seed=seed)):
                 out = generate_tree(model, drafter, prompt, plan, 16, Sampler(temp, 1.0, seed))
                 expect(out.tokens == ref, f"plan {plan.text()}, temperature {temp}: {out.tokens} != plain {ref}")
+
+
+@check("every pass verifies the tree cut to the drafts there are, and a pass with no drafts verifies the "
+       "root ALONE (one node): never a full tree of stale or borrowed drafts, which is lossless but pays "
+       "for a whole tree")
+def check_each_pass_verifies_the_cut_tree():
+    from decode import generate_tree
+    from generate import Sampler, generate
+    from plan import Plan
+    from tree import Tree
+    model, prompt = tiny_model(3), [4, 8, 15, 16, 23, 42]
+    ref = generate(model, prompt, 30, Sampler()).tokens
+    chain3 = Tree(TREES[0], k=3)
+    for plan in (Plan(chain3, (0,), 3), Plan(chain3, (0, 2), 2), Plan(Tree(TREES[2], k=3), (0, 1, 3), 3)):
+        drafter, sizes = oracle_drafter(model, prompt + ref, perfect=True), []
+        real = drafter.tree_pass
+
+        def watched(model, tokens, *args, **kwargs):
+            sizes.append(tokens.shape[1])
+            return real(model, tokens, *args, **kwargs)
+        drafter.tree_pass = watched
+        out = generate_tree(model, drafter, prompt, plan, 30, Sampler())
+        want = perfect_run(plan, 30)[1]
+        expect(out.tokens == ref, f"plan {plan.text()}: differs from plain decoding")
+        expect(sizes == [len(prompt)] + want, f"plan {plan.text()}, drafts always right: nodes per pass "
+               f"{sizes[1:]} (after a prefill of {sizes[0]}), expected {want}")

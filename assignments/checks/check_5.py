@@ -1,5 +1,5 @@
 """Assignment 5: transfer.HiddenTransfer.pseudo_inputs (the pseudo tokens of a training window),
-train.teacher_logprobs and train.distill_loss, against a brute-force mask, the model's own full
+distill.teacher_logprobs and distill.distill_loss, against a brute-force mask, the model's own full
 forward, and the KL written out term by term."""
 
 import torch
@@ -11,7 +11,8 @@ from common import (check, close, expect, final_states, random_transfer, tiny_mo
 POSITIONS = torch.tensor([[0, 3, 6], [2, 5, 9]])  # (B, P): sorted training positions per sequence
 
 
-@check("pseudo_inputs: rows are pseudo tokens (p,1)..(p,k) per chosen p, owner-major; inputs W_i h^t_p; "
+@check("pseudo_inputs: rows are pseudo tokens (p,1)..(p,k) per chosen p, owner-major; inputs W_i h^t_p "
+       "(the drafter's own map: self(h)); "
        "positions p+i; mask columns [T real tokens | pseudo tokens]: (p,i) sees real tokens 0..p (p "
        "included) and (p,j<=i) only")
 def check_pseudo_inputs_brute_force():
@@ -32,11 +33,26 @@ def check_pseudo_inputs_brute_force():
                 want[r, :p + 1] = True
                 for c, (q, j) in enumerate(rows):
                     want[r, T + c] = q == p and j <= i
-                W_i, b_i = ht.proj.weight[(i - 1) * ht.dim:i * ht.dim], ht.proj.bias[(i - 1) * ht.dim:i * ht.dim]
-                close(x[b, r], h_t[b, p] @ W_i.T + b_i, f"input of pseudo (p={p}, i={i}) in sequence {b}, k={k}")
+                with torch.no_grad():
+                    want_x = ht(h_t[b, p])[i - 1]                             # W_i h^t_p (+ b_i)
+                close(x[b, r], want_x, f"input of pseudo (p={p}, i={i}) in sequence {b}, k={k}")
             expect(torch.equal(got[b], want), f"training mask wrong for positions {POSITIONS[b].tolist()}, k={k}")
             expect(pos[b].tolist() == [p + i for p, i in rows], f"pseudo positions {pos[b].tolist()} for "
                    f"positions {POSITIONS[b].tolist()}, k={k}; expected p + i")
+
+
+@check("the frozen model may run in bfloat16 while the drafter keeps fp32 weights: pseudo_inputs takes "
+       "h^t in the model's dtype and returns inputs in it (the drafter's forward casts to its own dtype and "
+       "back); never feed h^t to the projection's weights directly")
+def check_pseudo_inputs_in_the_models_dtype():
+    ht = random_transfer(tiny_model(0), 2, k=2)
+    h_t = torch.randn(2, 10, ht.dim, generator=torch.Generator().manual_seed(5)).bfloat16()
+    with torch.no_grad():
+        x, pos, mask = training_inputs(ht, h_t, POSITIONS)
+    expect(x.dtype == torch.bfloat16, f"inputs in {x.dtype}; the frozen model's layers run in torch.bfloat16")
+    with torch.no_grad():
+        want = ht(h_t[0, POSITIONS[0, 1]].float())                            # (k, dim) in fp32
+    close(x[0, 2:4].float(), want, "inputs of p=3 from a bfloat16 h^t", atol=0.1)
 
 
 @check("pseudo states in training must equal decoding's: a causal forward from layer t over "
@@ -58,7 +74,7 @@ def check_pseudo_states_match_reference():
 @check("the teacher for pseudo (p,i) is the base model's distribution at position p+i (it predicts "
        "x_(p+i+1)): log_softmax of the LM head on h^L at row p+i, (B, P, k, V)")
 def check_teacher_logprobs():
-    from train import teacher_logprobs
+    from distill import teacher_logprobs
     model, T, k = tiny_model(2), 12, 3
     ids = torch.randint(0, model.args.vocab_size, (2, T), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -95,7 +111,7 @@ def reference_loss(logits, teacher, valid, weights, topk=0):
 @check("distill_loss = sum_i w_i KL(P_(p+i) || Q_(p,i)) = sum P (log P - log Q), teacher first, averaged "
        "over VALID targets only; topk keeps the teacher's top-k tokens, renormalised")
 def check_distill_loss_value():
-    from train import distill_loss
+    from distill import distill_loss
     g = torch.Generator().manual_seed(3)
     B, P, k, V = 2, 3, 3, 11
     logits = 2 * torch.randn(B, P, k, V, generator=g)
@@ -112,7 +128,7 @@ def check_distill_loss_value():
 @check("the loss must be 0 when the drafts equal the teacher, and its gradient w.r.t. the logits "
        "w_i (softmax(logits) - P) / #valid (the KL's gradient, teacher held fixed)")
 def check_distill_loss_gradient():
-    from train import distill_loss
+    from distill import distill_loss
     g = torch.Generator().manual_seed(4)
     B, P, k, V = 1, 2, 2, 7
     teacher = F.log_softmax(torch.randn(B, P, k, V, generator=g), -1)

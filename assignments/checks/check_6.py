@@ -89,16 +89,35 @@ def check_build_tree_is_optimal():
                   f"tau of build_tree(n={n}) for k={k}, top_r={top_r} against the best tree", 1e-9)
 
 
-@check("build_tree refuses n < 1 and an n larger than a (k, top_r) tree can hold, with ValueError")
-def check_build_tree_refuses_bad_sizes():
+@check("a full tree: a (k, top_r) tree holds 1 + top_r + top_r^2 + .. + top_r^k nodes; build_tree builds "
+       "exactly that many, and refuses n < 1 and one node more with ValueError")
+def check_build_tree_full_and_refuses_bad_sizes():
     from tree import build_tree
-    rates = random_rates(0, 2, 2).tolist()
-    for n in (0, 8):  # a k=2, top_r=2 tree holds at most 1 + 2 + 4 = 7 nodes
+    for seed, (k, top_r) in enumerate([(2, 2), (2, 10), (3, 3), (1, 4)]):
+        rates = random_rates(seed, k, top_r).tolist()
+        capacity = sum(top_r ** d for d in range(k + 1))
+        tree = build_tree(rates, capacity)
+        expect(tree.size == capacity and len(set(tree.paths)) == capacity,
+               f"build_tree(n={capacity}) for k={k}, top_r={top_r} has {tree.size} nodes")
+        for n in (0, capacity + 1):
+            try:
+                build_tree(rates, n)
+            except ValueError:
+                continue
+            raise AssertionError(f"build_tree(n={n}) was accepted for k={k}, top_r={top_r} (at most {capacity})")
+
+
+@check("node_accept_probs refuses (ValueError) rates that do not cover the tree: fewer offsets than its "
+       "depth, or fewer ranks than it reads")
+def check_node_accept_probs_refuses_small_rates():
+    from tree import Tree, node_accept_probs
+    tree = Tree([(0,), (1,), (0, 0)], k=3)
+    for rates in ([[0.5, 0.2]], [[0.5], [0.3]]):  # one offset for depth 2; one rank where rank 1 is read
         try:
-            build_tree(rates, n)
+            node_accept_probs(tree, rates)
         except ValueError:
             continue
-        raise AssertionError(f"build_tree(n={n}) was accepted for k=2, top_r=2")
+        raise AssertionError(f"node_accept_probs accepted rates {rates} for a tree of depth 2 reading rank 1")
 
 
 @check("whatever drafter you use (a new projection included), decoding with a built tree must still "

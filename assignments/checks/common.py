@@ -42,13 +42,14 @@ def tiny_model(seed: int = 0, **overrides):
 
 
 def random_transfer(model, layer: int, k: int = 3, seed: int = 0):
-    """A HiddenTransfer with random (not identity) projections, so pseudo tokens differ from copies."""
+    """A HiddenTransfer with random (not identity) projections, so pseudo tokens differ from copies:
+    every parameter moved by noise (matrices by 0.3, vectors by 0.1)."""
     from transfer import HiddenTransfer
     ht = HiddenTransfer(model.args.dim, k, layer)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        ht.proj.weight.add_(0.3 * torch.randn(ht.proj.weight.shape, generator=g))
-        ht.proj.bias.copy_(0.1 * torch.randn(ht.proj.bias.shape, generator=g))
+        for p in ht.parameters():
+            p.add_((0.3 if p.dim() > 1 else 0.1) * torch.randn(p.shape, generator=g))
     return ht.requires_grad_(False)
 
 
