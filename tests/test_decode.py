@@ -225,3 +225,45 @@ def test_accept_draws_once_per_emitted_token():
     choose = lambda v: calls.append(v) or [5, 6, 7][v]
     path, emitted = accept(children, tokens, choose, budget=10)
     assert calls == [0, 1, 2] and emitted == [5, 6, 7] and path == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- decode.py --show
+
+class CharTok:
+    """Token i is the letter chr(97 + i % 26); 95 the stop token. Enough for decode.Shower."""
+    stop_ids = {95}
+
+    def decode(self, ids, skip_special=True):
+        return "".join(chr(97 + i % 26) for i in ids if i not in self.stop_ids)
+
+    def stream(self):
+        from tokenizer import TextStream
+        return TextStream(self)
+
+
+@pytest.mark.parametrize("color", [False, True], ids=["piped", "terminal"])
+def test_show_marks_every_accepted_draft(color, capsys):
+    from decode import Shower
+    model, prompt = tiny(3), [4, 8, 15, 16, 23, 42]
+    ref = generate(model, prompt, 30, Sampler())
+    show = Shower(CharTok(), color)
+    out = generate_tree(model, Oracle(model, prompt + ref.tokens), prompt, TREES["chain-3"], 30, Sampler(),
+                        on_token=show)
+    text = capsys.readouterr().out
+    start, end = ("\033[32m", "\033[0m") if color else ("[", "]")
+    assert text.replace(start, "").replace(end, "") == CharTok().decode(out.tokens)
+    drafted = [piece.split(end)[0] for piece in text.split(start)[1:]]  # the marked spans, in order
+    assert "".join(drafted) == CharTok().decode(
+        [t for step in steps_of(out) for t in step[:-1]]), "exactly the accepted drafts are marked"
+    summary = show.summary(out)
+    assert " ".join(map(str, out.accepted)) in summary and f"{out.tau:.2f}" in summary
+    assert ("green" in summary) == color and ("brackets" in summary) != color
+
+
+def steps_of(out):
+    """The tokens of each pass (the prefill's first), from out.accepted: a pass emits accepted + 1."""
+    steps, i = [out.tokens[:1]], 1
+    for a in out.accepted:
+        steps.append(out.tokens[i:i + a + 1])
+        i += a + 1
+    return steps
