@@ -1,9 +1,9 @@
 """The data: ShareGPT conversations to train the projection on, MT-Bench prompts to decode.
 
 Reads ShareGPT (a json array, possibly cut off mid-record, or jsonl) into chat messages,
-cuts them into fixed-length token windows with an assistant-token mask (METHOD.md, "Training
-the projection": positions are drawn inside assistant turns), and serves shuffled batches.
-(tokenizer.py's encode_chat builds the mask.) Read next: train.py.
+cuts them (or any sequences with an assistant mask: replies.py's) into fixed-length token windows
+(METHOD.md, "Training the projection": positions are drawn inside assistant turns), and serves
+shuffled batches. (tokenizer.py's encode_chat builds the mask.) Read next: replies.py.
 """
 
 import argparse
@@ -167,17 +167,6 @@ def read_sharegpt(path: str | None = None, limit: int | None = None) -> Iterator
         found = (f"none of its {n} records is a user/assistant conversation (record 1 is "
                  f"{json.dumps(first)[:80]}...)" if n else "it holds no records")
         raise ValueError(f"{path}: {found}; expected ShareGPT records like {SHAREGPT_EXAMPLE}")
-
-
-def split_holdout(conversations: list, holdout: int, seed: int = 0) -> tuple[list, list]:
-    """(train, held_out): `holdout` conversations chosen at random (fixed by seed), order kept."""
-    if not 0 <= holdout <= len(conversations):
-        raise ValueError(f"cannot hold out {holdout} of {len(conversations)} conversations; "
-                         "lower --holdout or read more conversations.")
-    g = torch.Generator().manual_seed(seed)
-    held = set(torch.randperm(len(conversations), generator=g)[:holdout].tolist())
-    train = [c for i, c in enumerate(conversations) if i not in held]
-    return train, [c for i, c in enumerate(conversations) if i in held]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ positions are drawn once from the window's index, EVAL_POSITIONS of them by the 
 import torch
 
 from distill import choose_positions, distill_loss, teacher_logprobs
-from tree import chain, expected_tau
 
 EVAL_POSITIONS = 48  # positions scored per held-out window
 EVAL_BATCH = 4       # windows per evaluation pass (a memory bound only: the numbers do not depend on it)
@@ -33,7 +32,7 @@ def fixed_positions(assistant: torch.Tensor, k: int, first: int):
 def evaluate(model, drafter, windows, top_r: int = 10) -> dict:
     """Per offset i: top-1 / top-5 agreement of q_i with the base model's argmax at p+i, the KL, and
     accept[i-1][r] = share of targets whose rank-r draft token IS that argmax. The rates are
-    unconditional (not given that offsets < i were right), the simplification tree.expected_tau
+    unconditional (not given that offsets < i were right), the simplification tree_choice.expected_tau
     then assumes away. windows: [(ids (T,), assistant (T,))]."""
     k, dev = drafter.k, model.output.weight.device
     hits, count, kl_sum = torch.zeros(k, top_r), torch.zeros(k), torch.zeros(k)
@@ -52,7 +51,17 @@ def evaluate(model, drafter, windows, top_r: int = 10) -> dict:
     accept = hits / count.clamp(min=1)[:, None]                                      # (k, top_r)
     return {"top1": accept[:, 0].tolist(), "top5": accept[:, :5].sum(1).tolist(),
             "kl": (kl_sum / count.clamp(min=1)).tolist(), "accept": accept.tolist(),
-            "tau_chain": expected_tau(chain(k), accept), "targets": int(count[0])}
+            "tau_chain": chain_tau(accept[:, 0].tolist()), "targets": int(count[0])}
+
+
+def chain_tau(top1: list) -> float:
+    """Expected tokens per step of a chain of the top-1 drafts, offsets taken as independent (METHOD.md,
+    "Metrics": 1 + the sum over depths j of the product of the top-1 rates up to j)."""
+    tau, p = 1.0, 1.0
+    for rate in top1:
+        p *= rate
+        tau += p
+    return tau
 
 
 def evaluate_all(model, drafter, held: dict, top_r: int = 10) -> dict:

@@ -4,13 +4,12 @@ A tree is a prefix-closed list of rank paths (METHOD.md, "One decoding step"), t
 string ('0;1;0,0') or by name (SHAPES); from it come the tokens, RoPE positions, cache slots and
 masks of one verification pass, including the mask of the pseudo tokens in the layers after the
 transfer layer (METHOD.md, "Attention rules"), written once for decoding (a tree) and training (a
-causal window). Pure tensor code, no model. Run `python tree.py --pseudo` to see a tree and its
-masks. Read next: drafter.py, what a drafter must do with them.
+causal window). Pure tensor code, no model. Which tree is worth verifying is tools/tree_choice.py's
+question. Run `python tree.py --pseudo` to see a tree and its masks. Read next: drafter.py.
 """
 
 import argparse
 import copy
-import heapq
 import operator
 
 import torch
@@ -173,7 +172,7 @@ def chain(k: int) -> Tree:
 
 
 # Named shapes, as Medusa names its trees. Rank paths of depth <= 2, so any k >= 2 drafts them; the
-# larger ones are tree.build_tree's best trees for SmolLM2-135M's measured acceptance rates.
+# larger ones are tools/tree_choice.build_tree's best trees for SmolLM2-135M's acceptance rates.
 SHAPES = {
     "pair": [(0,)],                                                   # 2 nodes: q_1's top token
     "fan3": [(0,), (1,)],                                             # 3: q_1's top two
@@ -236,66 +235,6 @@ def pseudo_mask(tree_mask: torch.Tensor, k: int, nodes=None) -> torch.Tensor:
     pseudo = pseudo_rows(tree_mask[nodes], k)                                         # (P, N + P)
     real = torch.cat([tree_mask, torch.zeros(N, pseudo.shape[0], dtype=torch.bool, device=dev)], 1)
     return torch.cat([real, pseudo], 0)                                               # (N+P, N+P)
-
-
-def _rates(accept) -> torch.Tensor:
-    rates = torch.as_tensor(accept, dtype=torch.float64)
-    if rates.dim() != 2 or not bool(((rates >= 0) & (rates <= 1)).all()):
-        raise ValueError("accept must be a (k, top_r) table of probabilities in [0, 1]")
-    return rates
-
-
-def node_accept_probs(tree: Tree, accept) -> torch.Tensor:
-    """(N,) float64: P(node accepted) = the product of accept[depth-1][rank] along its path; root 1.
-
-    This assumes that whether offset j's rank-r token is right depends only on (j, r), given the
-    path so far was right, independent of which tokens came before.
-    """
-    rates = _rates(accept)
-    if rates.shape[0] < tree.depth or rates.shape[1] <= int(tree.ranks.max()):
-        raise ValueError(f"accept of shape {tuple(rates.shape)} does not cover the tree's depth and ranks")
-    depths, ranks, mask = tree.depths.cpu(), tree.ranks.cpu(), tree.mask.cpu()
-    node_rate = rates[(depths - 1).clamp(min=0), ranks]  # (N,)
-    node_rate[0] = 1.0                                     # the root is decided, not guessed
-    return torch.where(mask, node_rate[None, :], torch.ones(())).prod(-1)  # (N,) product over the path
-
-
-def expected_tau(tree: Tree, accept) -> float:
-    """Expected tokens per step: 1 (the bonus token) + sum over non-root nodes of P(node accepted).
-
-    The ranks at one depth are mutually exclusive events (at most one token is the right one), so
-    summing P over siblings is exact (node_accept_probs states the one assumption).
-    """
-    return 1.0 + float(node_accept_probs(tree, accept)[1:].sum())
-
-
-def build_tree(accept, n_nodes: int) -> Tree:
-    """The tree of n_nodes nodes (root included) with the highest expected_tau (Medusa's recipe).
-
-    accept[j-1][r]: measured rate at which q_j's rank-r token is the right one at offset j. Grow
-    greedily from the root, always adding the most probable node whose parent is already in.
-    A child is never more probable than its parent, so this takes the n_nodes - 1 most probable
-    nodes overall: the optimum under expected_tau's assumptions, and prefix-closed by construction.
-    """
-    rates = _rates(accept)
-    k, top_r = rates.shape
-    if n_nodes < 1:
-        raise ValueError(f"n_nodes must be at least 1 (the root), got {n_nodes}")
-    paths, frontier = [], []  # frontier: heap of (-P, depth, path), ties go to shallow, low ranks
-
-    def push_children(path, p):
-        if len(path) < k:
-            for r in range(top_r):
-                heapq.heappush(frontier, (-p * float(rates[len(path), r]), len(path) + 1, path + (r,)))
-
-    push_children((), 1.0)
-    while len(paths) + 1 < n_nodes:
-        if not frontier:
-            raise ValueError(f"n_nodes={n_nodes} exceeds every node a (k={k}, top_r={top_r}) tree can hold")
-        neg_p, _, path = heapq.heappop(frontier)
-        paths.append(path)
-        push_children(path, -neg_p)
-    return Tree(paths, k=k, top_r=top_r)
 
 
 # ----------------------------------------------------------------------------- printing

@@ -29,7 +29,8 @@ ASSIGNMENTS = {
         [("transfer.py", "HiddenTransfer.pseudo_inputs"), ("distill.py", "teacher_logprobs"),
          ("distill.py", "distill_loss")]),
     6: ("choosing a tree: acceptance probabilities, expected tau and the tree builder (then open-ended)",
-        [("tree.py", "node_accept_probs"), ("tree.py", "expected_tau"), ("tree.py", "build_tree")]),
+        [("tools/tree_choice.py", "node_accept_probs"), ("tools/tree_choice.py", "expected_tau"),
+         ("tools/tree_choice.py", "build_tree")]),
 }
 
 HANDOUTS = {1: "1-model.md", 2: "2-tree.md", 3: "3-transfer.md", 4: "4-decode.md", 5: "5-train.md",

@@ -90,18 +90,18 @@ PLANTED = {
         ("distill.py", "/ valid.sum().clamp(min=1)", "/ valid.numel()", "the loss averaged over invalid targets too"),
         ("transfer.py", "x = self(src).flatten(1, 2)", "x = self.proj(src).unflatten(-1, (self.k, self.dim)).flatten(1, 2)",
          "h^t fed to the projection's weights in the model's dtype (no cast: a bf16 model fails)")],
-    6: [("tree.py", "return 1.0 + float(node_accept_probs(tree, accept)[1:].sum())",
+    6: [("tools/tree_choice.py", "return 1.0 + float(node_accept_probs(tree, accept)[1:].sum())",
          "return float(node_accept_probs(tree, accept)[1:].sum())", "tau without the bonus token"),
-        ("tree.py", "node_rate[0] = 1.0", "node_rate[0] = rates[0, 0]", "the root counted as a guess"),
-        ("tree.py", "torch.where(mask, node_rate[None, :], torch.ones(())).prod(-1)",
+        ("tools/tree_choice.py", "node_rate[0] = 1.0", "node_rate[0] = rates[0, 0]", "the root counted as a guess"),
+        ("tools/tree_choice.py", "torch.where(mask, node_rate[None, :], torch.ones(())).prod(-1)",
          "torch.where(mask.T, node_rate[None, :], torch.ones(())).prod(-1)",
          "a node's probability taken over its descendants, not its ancestors"),
-        ("tree.py", "-p * float(rates[len(path), r])", "-float(rates[len(path), r])",
+        ("tools/tree_choice.py", "-p * float(rates[len(path), r])", "-float(rates[len(path), r])",
          "nodes ranked by their own rate, not their path's probability"),
-        ("tree.py", "    paths, frontier = [], []", "    if n_nodes > 1 + k * top_r:\n        raise ValueError("
+        ("tools/tree_choice.py", "    paths, frontier = [], []", "    if n_nodes > 1 + k * top_r:\n        raise ValueError("
                     "f\"n_nodes={n_nodes}: at most {1 + k * top_r} nodes\")\n    paths, frontier = [], []",
          "a tree's capacity taken as 1 + k * top_r"),
-        ("tree.py", "    if rates.shape[0] < tree.depth or rates.shape[1] <= int(tree.ranks.max()):\n        raise",
+        ("tools/tree_choice.py", "    if rates.shape[0] < tree.depth or rates.shape[1] <= int(tree.ranks.max()):\n        raise",
          "    if False:\n        raise", "rates too small for the tree accepted")],
 }
 

@@ -134,17 +134,6 @@ def test_not_a_sharegpt_record_fails_loudly():
         data.to_messages({"messages": []})
 
 
-def test_split_holdout_is_deterministic_and_disjoint():
-    items = list(range(50))
-    train, held = data.split_holdout(items, 10, seed=3)
-    assert (train, held) == data.split_holdout(items, 10, seed=3)
-    assert len(held) == 10 and sorted(train + held) == items and held == sorted(held)
-    assert data.split_holdout(items, 10, seed=4)[1] != held
-
-
-# ----------------------------------------------------------------------------------------------
-# The real files
-
 def test_real_sharegpt_file():
     path = data.sharegpt_path()
     assert sum(1 for _ in data.iter_records(path)) == 17671  # the shipped file holds 17,671 complete records

@@ -10,7 +10,8 @@ from decode import generate_tree
 from generate import Sampler, generate
 from plan import Plan
 from tools.plan_search import ROOT_ONLY, choose_plan, expected_tokens
-from tree import Tree, build_tree, chain, expected_tau
+from tools.tree_choice import build_tree, expected_tau
+from tree import Tree, chain
 
 ACCEPT = [[0.45, 0.12, 0.06, 0.03], [0.25, 0.08, 0.04, 0.02], [0.15, 0.05, 0.03, 0.01]]
 

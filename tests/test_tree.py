@@ -11,7 +11,8 @@ from argparse import Namespace
 import pytest
 import torch
 
-from tree import Tree, build_tree, chain, expected_tau, main, pseudo_mask, pseudo_positions, pseudo_rows
+from tools.tree_choice import build_tree, expected_tau
+from tree import Tree, chain, main, pseudo_mask, pseudo_positions, pseudo_rows
 
 
 def bools(rows):

@@ -27,7 +27,7 @@ from generate import Sampler, generate
 from model import ModelArgs, Transformer
 from plan import Plan
 from transfer import HiddenTransfer
-from tree import build_tree
+from tools.tree_choice import build_tree
 from tools.compiled import Compiled
 from tools.latency import CONTEXT, latency_curve, made_up_accept, paired_times, plain_step, tree_step
 from weights import default_model_path, load_model

@@ -1,6 +1,6 @@
 """What one verification pass costs on this machine against a one-token step, per tree size.
 
-A tree of N nodes buys expected tau tokens per pass (tree.expected_tau) but a pass over N nodes,
+A tree of N nodes buys expected tau tokens per pass (tree_choice.expected_tau) but a pass over N nodes,
 plus k pseudo tokens per node, is slower than plain decoding's one-token step; the speedup a tree
 can give is tau / (pass time / step time) (METHOD.md, "Metrics"). bench.py --latency prints this
 curve; plan_search.select_plan (train.py's plan choice) times each candidate pass with tree_step,
@@ -16,7 +16,8 @@ import torch
 from generate import sync
 from model import KVCache
 from plan import Plan
-from tree import Tree, build_tree, expected_tau
+from tools.tree_choice import build_tree, expected_tau
+from tree import Tree
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 CONTEXT = 300    # cached tokens during a timed pass: about an MT-Bench prompt plus an answer
@@ -97,7 +98,7 @@ def made_up_accept(k: int, top_r: int = 8) -> list:
 
 def latency_curve(model, drafter, accept=None, sizes=SIZES, n_ctx: int = CONTEXT, reps: int = REPS) -> dict:
     """{"step_ms", "rows": [{"nodes", "ms", "ratio", "tau", "speedup", "paths"}]}: for each size the best
-    tree (tree.build_tree) under the measured `accept` rates (k, top_r), timed against a one-token step.
+    tree (tree_choice.build_tree) under the measured `accept` rates (k, top_r), timed against a one-token step.
     With no rates the trees come from a made-up table, and tau and speedup stay None: they would be
     made up too. Ctrl-C stops early and returns what was measured, with "interrupted" set."""
     table = accept or made_up_accept(drafter.k)

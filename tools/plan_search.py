@@ -11,7 +11,7 @@ import torch
 
 from plan import Plan
 from tools.latency import CONTEXT, REPS, _median_time, paired_times, plain_step, tree_step
-from tree import build_tree, node_accept_probs
+from tools.tree_choice import build_tree, node_accept_probs
 
 ROOT_ONLY = (0, 0)  # drafts state: no drafts at all, the next step verifies the root alone
 
@@ -38,7 +38,7 @@ def expected_tokens(plan: Plan, accept, cost=None, iters: int = 200):
 
     The drafts of a step come from some node's pseudo tokens, shifted by s (state (s, a)); which
     state follows depends on where the walk ends. The share of passes in each state is the
-    stationary distribution of that chain. Same independence assumption as tree.expected_tau.
+    stationary distribution of that chain. Same independence assumption as tree_choice.expected_tau.
     """
     rates = torch.as_tensor(accept, dtype=torch.float64)
     if rates.shape[0] < plan.depth:
@@ -67,7 +67,7 @@ def expected_tokens(plan: Plan, accept, cost=None, iters: int = 200):
 # ----------------------------------------------------------------------------- the choice
 
 def candidate_plans(accept, sizes, k: int):
-    """For each tree size, the best tree (tree.build_tree) with pseudo tokens for the m nodes most
+    """For each tree size, the best tree (tree_choice.build_tree) with pseudo tokens for the m nodes most
     likely to end the walk (m = 1, 2, 4, ..., all; the root always among them), c each (from the
     tree's depth to k: with fewer, every step would cut the tree, which is a smaller tree's plan)."""
     rates = torch.as_tensor(accept, dtype=torch.float64)

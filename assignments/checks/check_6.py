@@ -1,4 +1,4 @@
-"""Assignment 6: tree.node_accept_probs, tree.expected_tau and tree.build_tree, against an exact
+"""Assignment 6: tools/tree_choice.py's node_accept_probs, expected_tau and build_tree, against an exact
 enumeration of outcomes and a search over every tree; then decoding with a built tree stays lossless
 (whatever drafter you use)."""
 
@@ -51,7 +51,8 @@ def enumerated_node_probs(paths, rates) -> list:
 @check("node_accept_probs(tree, accept)[v] = P(node v accepted) = the product of accept[depth-1][rank] "
        "over the nodes of v's path below the root (the root is decided: 1), one value per node (N,)")
 def check_node_accept_probs_exact():
-    from tree import Tree, node_accept_probs
+    from tools.tree_choice import node_accept_probs
+    from tree import Tree
     for seed in range(8):
         rates = random_rates(20 + seed, 3, 3)
         tree = Tree(random_paths(seed, 1 + seed), k=3)
@@ -64,7 +65,8 @@ def check_node_accept_probs_exact():
 @check("expected tau = 1 (the bonus token, always emitted) + sum over non-root nodes of the product of "
        "accept[depth-1][rank] along the node's path (the root is decided: its factor is 1)")
 def check_expected_tau_exact():
-    from tree import Tree, expected_tau
+    from tools.tree_choice import expected_tau
+    from tree import Tree
     for seed in range(10):
         rates = random_rates(seed, 3, 3)
         paths = random_paths(seed, 1 + seed)
@@ -76,7 +78,8 @@ def check_expected_tau_exact():
 @check("build_tree(accept, n) returns the n-node tree (root included) with the highest expected tau: "
        "grow from the root, always adding the most probable node (product along its path)")
 def check_build_tree_is_optimal():
-    from tree import Tree, build_tree, expected_tau
+    from tools.tree_choice import build_tree, expected_tau
+    from tree import Tree
     for seed, (k, top_r) in enumerate([(2, 3), (3, 2), (3, 3)]):
         rates = random_rates(10 + seed, k, top_r)
         candidates = all_paths(k, top_r)
@@ -92,7 +95,7 @@ def check_build_tree_is_optimal():
 @check("a full tree: a (k, top_r) tree holds 1 + top_r + top_r^2 + .. + top_r^k nodes; build_tree builds "
        "exactly that many, and refuses n < 1 and one node more with ValueError")
 def check_build_tree_full_and_refuses_bad_sizes():
-    from tree import build_tree
+    from tools.tree_choice import build_tree
     for seed, (k, top_r) in enumerate([(2, 2), (2, 10), (3, 3), (1, 4)]):
         rates = random_rates(seed, k, top_r).tolist()
         capacity = sum(top_r ** d for d in range(k + 1))
@@ -110,7 +113,8 @@ def check_build_tree_full_and_refuses_bad_sizes():
 @check("node_accept_probs refuses (ValueError) rates that do not cover the tree: fewer offsets than its "
        "depth, or fewer ranks than it reads")
 def check_node_accept_probs_refuses_small_rates():
-    from tree import Tree, node_accept_probs
+    from tools.tree_choice import node_accept_probs
+    from tree import Tree
     tree = Tree([(0,), (1,), (0, 0)], k=3)
     for rates in ([[0.5, 0.2]], [[0.5], [0.3]]):  # one offset for depth 2; one rank where rank 1 is read
         try:
@@ -125,7 +129,7 @@ def check_node_accept_probs_refuses_small_rates():
 def check_decoding_with_a_built_tree_is_lossless():
     from decode import generate_tree
     from generate import Sampler, generate
-    from tree import build_tree
+    from tools.tree_choice import build_tree
     model, prompt = tiny_model(8, vocab_size=16), [2, 7, 1, 8]
     tree = build_tree(random_rates(3, 3, 3).tolist(), 6)
     for temp, seed in [(0.0, 0), (0.9, 2)]:
