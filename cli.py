@@ -8,6 +8,7 @@ their flags through it. METHOD.md never needs it. The error contract it keeps is
 
 import argparse
 import math
+import os
 import platform
 import sys
 
@@ -176,9 +177,20 @@ def encode_prompt(args, model, tok, tree_size: int = 0) -> list:
     return fitted
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux reads it from /proc/cpuinfo) and the vector units torch uses."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
+
+
 def describe_machine(device) -> str:
     if torch.device(device).type == "cuda":
         name = torch.cuda.get_device_name()
     else:
-        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        name = f"{cpu_name()} CPU, {torch.get_num_threads()} threads"
     return f"{name}, torch {torch.__version__}"

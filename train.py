@@ -100,11 +100,12 @@ def restore(args, model, drafter, opt):
     return ckpt["step"], ckpt["history"]
 
 
-def run(args, model, train_windows, held: dict, frozen_model=None, world=(0, 1)) -> dict:
+def run(args, model, train_windows, held: dict, frozen_model=None, world=(0, 1), minutes=None) -> dict:
     """Train, evaluate, choose the plan, save to --drafter-checkpoint. Returns the saved fields.
     held: {name: windows} of the held-out sets (or one list). frozen_model: the frozen model the training passes
     run through (a bf16 copy; default `model`); evaluation and the plan choice use `model`.
-    world: (rank, ranks) under torchrun; rank 0 alone evaluates and saves."""
+    world: (rank, ranks) under torchrun; rank 0 alone evaluates and saves. minutes: what came before
+    (making the data), reported beside training's."""
     model.requires_grad_(False)  # frozen: only the drafter learns
     held = held if isinstance(held, dict) else {"held-out": held}
     frozen_model, main_process = frozen_model or model, world[0] == 0
@@ -137,9 +138,9 @@ def run(args, model, train_windows, held: dict, frozen_model=None, world=(0, 1))
                 bar.write(f"step {step} ({train_s / 60:.1f} min of training):\n{format_all(evals[-1]['held_out'])}")
                 save_checkpoint(out_path, drafter, model, fields())
     except KeyboardInterrupt:
-        bar.close()
-        if main_process:
+        if main_process:  # saved before anything else: the progress bar cannot stand in the way
             save_checkpoint(out_path, drafter, model, fields())
+        bar.close()
         print(f"\ninterrupted after step {step}: saved {out_path}; to continue, add --resume")
         raise  # saved: now stop the caller too (the command line exits 130, so `&&` chains stop)
     bar.close()
@@ -156,7 +157,8 @@ def run(args, model, train_windows, held: dict, frozen_model=None, world=(0, 1))
     sizes = [n for n in args.tree_sizes if n >= 2]  # 1 node, the root alone, accepts nothing
     kernels.apply(drafter)  # time the passes as decoding will run them: the CPU's faster product forms
     plan, table = (select_plan(model, drafter, accept, sizes) if sizes else (Plan.full(chain(args.k), args.k), None))
-    minutes = {"training": train_s / 60, "evaluation": eval_s / 60, "plan": (time.perf_counter() - t0) / 60}
+    minutes = {**(minutes or {}), "training": train_s / 60, "evaluation": eval_s / 60,
+               "plan": (time.perf_counter() - t0) / 60}
     out = fields(eval=metrics, accept_rates=accept, **plan.fields(), plan_table=table, minutes=minutes,
                  machine=describe_machine(dev), finished=True)
     save_checkpoint(out_path, drafter, model, out)
@@ -184,7 +186,7 @@ def parse_args(argv=None):
     add_common_args(p)  # --model --device --dtype --seed --threads (and decoding flags, unused here)
     p.add_argument("--drafter", default="transfer", choices=list(DRAFTERS),
                    help="transfer: Hidden Transfer projections; medusa: the Medusa-1 baseline heads")
-    # the data: the README's lever table chose these on a 2-core CPU
+    # the data (docs/EXPERIMENTS.md: what each lever bought on a 2-core CPU)
     p.add_argument("--data", default="replies", choices=["replies", "sharegpt"],
                    help="replies: the base model's own replies to ShareGPT's first user turns; sharegpt: "
                         "ShareGPT's conversations as they are")
@@ -257,7 +259,7 @@ def main(argv=None):
             raise ValueError(f"--batch-size {args.batch_size} is more than the {len(train_windows)} "
                              "training windows; answer more --replies or read more --conversations")
         frozen_model = frozen_copy(args, model, train_windows[0][0][None].to(model.output.weight.device))
-        return run(args, model, train_windows, held, frozen_model, world)
+        return run(args, model, train_windows, held, frozen_model, world, {"data": info["generation_min"]})
     except (OSError, ValueError) as e:  # a bad data file, a bad checkpoint to --resume, --transfer-layer
         sys.exit(f"error: {e}")
 

@@ -10,6 +10,7 @@ docs/EXPERIMENTS.md has what they measured.
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -19,11 +20,12 @@ import torch
 import torch.nn.functional as F
 
 import train
-from checkpoint import build_drafter, open_checkpoint, save_checkpoint
-from cli import HelpFormatter, check_common_args, int_range, list_of, load, run_main
+from checkpoint import build_drafter, open_checkpoint, save_atomic, save_checkpoint
+from cli import HelpFormatter, check_common_args, describe_machine, int_range, list_of, load, run_main
 from evaluate import fixed_positions, format_all
 from model import KVCache, causal_mask
 from replies import load_windows
+from tools import kernels
 from tools.plan_search import select_plan
 
 # ----------------------------------------------------------------------------- the tree, again
@@ -34,10 +36,16 @@ def retime_plan(model, path, sizes):
     drafter = build_drafter(ckpt, path, model)
     if ckpt.get("accept_rates") is None:
         raise ValueError(f"{path} has no measured acceptance rates: let its train.py run finish")
+    kernels.apply(drafter)  # time the passes as decoding will run them
     plan, table = select_plan(model, drafter, ckpt["accept_rates"], [n for n in sizes if n >= 2])
     ckpt.update(**plan.fields(), plan_table=table)
     save_checkpoint(path, drafter, model,
                     {k: v for k, v in ckpt.items() if k not in ("kind", "config", "identity", "state_dict")})
+    summary = os.path.splitext(path)[0] + ".json"  # train.py's summary beside it, for tools/results.py
+    if os.path.exists(summary):
+        with open(summary) as f:
+            save_atomic(summary, {**json.load(f), **plan.fields(), "plan_table": table,
+                                  "machine": describe_machine(model.output.weight.device)})
     print(f"saved the plan in {path}")
 
 
