@@ -88,7 +88,7 @@ def summarize(results: dict) -> dict:
     gens = {m: [Generation(**r["methods"][m]) for r in runs] for m in names}
     results["mismatches"] = [
         {"method": m, "prompt": r["prompt"], "category": r["category"], "turn": r["turn"], "position": at,
-         **r.get("ties", {}).get(m, {})}  # gap, class, threshold: ties.py
+         **r.get("ties", {}).get(m, {})}  # gap, class, threshold: tools/ties.py
         for r in runs for m in names
         if (at := first_difference(r["methods"][m]["tokens"], r["methods"]["plain"]["tokens"])) is not None]
     results["summary"] = {}
@@ -108,7 +108,7 @@ def summarize(results: dict) -> dict:
 
 def _one(model, method, prompt, max_new, temperature, top_p, seed, stop_ids, compiled=None) -> Generation:
     sampler = Sampler(temperature, top_p, seed)  # a fresh, equally seeded sampler for every method
-    if compiled:  # compile for a new cache length bucket now, untimed (compiled.py)
+    if compiled:  # compile for a new cache length bucket now, untimed (tools/compiled.py)
         compiled.warm_up(len(prompt) + max_new, method and method[1])
     if method is None:
         return generate(model, prompt, max_new, sampler, stop_ids, compiled=compiled)
@@ -125,7 +125,7 @@ def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, tem
     Ctrl-C stops early: the results then hold every prompt that all methods finished. A prompt
     too long for the model's context raises ValueError (cli.fit_context), or loses its first
     tokens with truncate="left"; first turns are checked before anything runs.
-    compile: every method's decoding steps run compiled (compiled.py), plain decoding's too.
+    compile: every method's decoding steps run compiled (tools/compiled.py), plain decoding's too.
     """
     if methods.get("plain", 0) is not None:
         raise ValueError("methods must include 'plain': None, the reference for speed and losslessness")
@@ -163,7 +163,7 @@ def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, tem
                                                        top_p, seed, tok.stop_ids, compiled[name]))
                     bar.update()
                     at = first_difference(run["methods"][name]["tokens"], run["methods"]["plain"]["tokens"])
-                    if at is not None:  # a near-tie of plain decoding's top two logits, or not: ties.py
+                    if at is not None:  # a near-tie of plain decoding's top two logits, or not: tools/ties.py
                         run.setdefault("ties", {})[name] = tie = ties.explain(
                             model, ids, at, temperature, top_p, seed, tok.stop_ids)
                         bar.write(f"MISMATCH: {name} differs from plain decoding on prompt {i} "

@@ -129,7 +129,7 @@ def load(args):
         tok = load_tokenizer(path, template=args.template)
     except (OSError, ValueError, NotImplementedError) as e:
         sys.exit(f"error: {e}")
-    if getattr(args, "seq_len", 0) > model.args.max_seq_len:  # train.py's and analysis.py's windows
+    if getattr(args, "seq_len", 0) > model.args.max_seq_len:  # train.py's and tools/analysis.py's windows
         sys.exit(f"error: --seq-len {args.seq_len} is more than the model's context of "
                  f"{model.args.max_seq_len} tokens; lower --seq-len")
     for p in model.parameters():

@@ -4,7 +4,7 @@ METHOD.md, "One decoding step": the drafts of the last accepted token fill a tok
 verifies every node (ancestor mask) and, through pseudo tokens, drafts the next step; the
 acceptance walk keeps exactly the tokens the model alone would emit; the KV cache keeps only the
 accepted path. Any drafter.Drafter drafts (transfer.py's HiddenTransfer, medusa.py's Medusa):
-only how drafts are made differs. Read next: medusa.py, the baseline drafter, then train.py.
+only how drafts are made differs. Read next: medusa.py, the baseline drafter.
 
     python decode.py --prompt "Write a haiku about autumn." --check
     python decode.py --show                     # every token marked: drafted, or the model's own

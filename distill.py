@@ -1,7 +1,7 @@
 """The self-distillation objective (METHOD.md, "Training the projection"): where the pseudo tokens
 are trained (positions inside the assistant's replies), what they are trained towards (the frozen
 model's own distributions k tokens ahead) and the loss, sum_i w_i KL(P_(p+i) || Q_(p,i)). train.py
-minimises it, evaluate.py scores drafts with the same positions and teacher. Read next: train.py.
+minimises it, evaluate.py scores drafts with the same positions and teacher. Read next: evaluate.py.
 """
 
 import torch

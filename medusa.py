@@ -4,7 +4,7 @@ Head i reads the last layer's state of real token p and drafts token p+i+1:
     head_i(h) = lm_head(h + SiLU(U_i h + b_i)),  h = the final-normed hidden state (as in Medusa's
 code, which reads hidden states after model.norm), U_i and b_i zero at start, lm_head the model's.
 The same Drafter interface as HiddenTransfer (drafter.py), so decode.py and train.py treat both
-alike; unlike it, the drafts never pass through the decoder layers. Read next: checkpoint.py.
+alike; unlike it, the drafts never pass through the decoder layers. Read next: replies.py.
 """
 
 import torch
