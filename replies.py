@@ -6,7 +6,8 @@ shows it; trained on the base model's own answers it learns the text it will be 
 first user turn of each conversation, many conversations at once (`generate_batch`: one pass serves
 B rows, and on a CPU a pass over 16 rows costs a few one-row steps). The replies are cached on disk
 under a key of everything that made them, written as they come (a Ctrl-C loses one batch at most,
-and the next run resumes), then turned into token windows like ShareGPT's (data.pack_windows).
+the next run resumes, and asking for more replies makes only the new ones), then turned into token
+windows like ShareGPT's (data.pack_windows).
 Read next: distill.py, what the drafter learns from them.
 """
 
@@ -109,16 +110,14 @@ def make_replies(model, tok, conversations: list, path: str, max_new_tokens: int
 
     A share `sampled` of the replies (chosen per conversation by the seed) is drawn at `temperature`
     and `top_p`, the rest greedy; each with its own seeded sampler, so a reply does not depend on the
-    batch it was made in. Prompts over `max_prompt` tokens are skipped. Records are appended batch
-    by batch to `path`.partial; the finished file is renamed into place, so `path` is always whole,
-    and an interrupted run resumes from the partial file.
+    batch it was made in. Prompts over `max_prompt` tokens are skipped. Records are appended to
+    `path` batch by batch, each line whole and flushed to disk: a line an interrupt cut is dropped
+    and made again, so an interrupted run resumes where it stopped, and a later run asking for more
+    conversations makes only the new ones.
     """
-    if os.path.exists(path):
-        return [r for _, r in sorted(read_done(path).items())]
-    partial = path + ".partial"
-    done = read_done(partial)
-    if os.path.exists(partial):  # drop a line an interrupt cut, so that appending starts on a new line
-        with open(partial, "rb+") as f:
+    done = read_done(path)
+    if os.path.exists(path):  # drop a line an interrupt cut, so that appending starts on a new line
+        with open(path, "rb+") as f:
             f.truncate(f.read().rfind(b"\n") + 1)
     todo = []
     for i, conv in enumerate(conversations):
@@ -126,23 +125,24 @@ def make_replies(model, tok, conversations: list, path: str, max_new_tokens: int
         prompt, _ = tok.encode_chat(turns, add_generation_prompt=True)
         if i not in done and len(prompt) <= max_prompt:
             todo.append((i, prompt, random.Random(seed * 1_000_003 + i).random() < sampled))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    bar = tqdm(total=len(todo) + len(done), initial=len(done), unit="reply", desc=desc)
-    with open(partial, "a", encoding="utf-8") as f:
-        for j in range(0, len(todo), batch_size):
-            batch = todo[j:j + batch_size]
-            samplers = [Sampler(temperature, top_p, seed * 1_000_003 + i) if s else Sampler()
-                        for i, _, s in batch]
-            outs = generate_batch(model, [p for _, p, _ in batch], max_new_tokens, samplers, tok.stop_ids)
-            for (i, prompt, s), reply in zip(batch, outs):
-                done[i] = {"index": i, "prompt": prompt, "reply": reply, "sampled": s}
-                f.write(json.dumps(done[i]) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(batch))
-    bar.close()
-    os.replace(partial, path)
-    return [r for _, r in sorted(done.items())]
+    if todo:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        asked = sum(i < len(conversations) for i in done)
+        bar = tqdm(total=len(todo) + asked, initial=asked, unit="reply", desc=desc)
+        with open(path, "a", encoding="utf-8") as f:
+            for j in range(0, len(todo), batch_size):
+                batch = todo[j:j + batch_size]
+                samplers = [Sampler(temperature, top_p, seed * 1_000_003 + i) if s else Sampler()
+                            for i, _, s in batch]
+                outs = generate_batch(model, [p for _, p, _ in batch], max_new_tokens, samplers, tok.stop_ids)
+                for (i, prompt, s), reply in zip(batch, outs):
+                    done[i] = {"index": i, "prompt": prompt, "reply": reply, "sampled": s}
+                    f.write(json.dumps(done[i]) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                bar.update(len(batch))
+        bar.close()
+    return [done[i] for i in sorted(done) if i < len(conversations)]
 
 
 def reply_pairs(records: list, tok) -> list:
@@ -184,8 +184,8 @@ def load_windows(args, model, tok):
     held_c, train_c = conversations[:args.holdout], conversations[args.holdout:]
     identity, t0 = model_identity(model), time.perf_counter()
 
-    def replies(convs, name, tokens, **sampling):
-        settings = {"count": len(convs), "holdout": args.holdout, "tokens": tokens, "set": name, **sampling}
+    def replies(convs, name, tokens, **sampling):  # a file per setting; more conversations extend it
+        settings = {"holdout": args.holdout, "tokens": tokens, "set": name, **sampling}
         key = reply_key(identity, json.dumps(source), settings)
         return make_replies(model, tok, convs, os.path.join(args.cache_dir, f"replies-{name}-{key}.jsonl"),
                             tokens, args.reply_batch, desc=f"{name} replies", **sampling)

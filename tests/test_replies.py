@@ -57,44 +57,49 @@ def conversations(n, seed=0):
             for i in range(n)]
 
 
-def test_reply_cache_resumes_after_an_interrupt_and_is_whole(tmp_path, monkeypatch):
+def test_reply_cache_resumes_after_an_interrupt_and_grows(tmp_path, monkeypatch):
     model, convs, path = tiny(), conversations(7), str(tmp_path / "r.jsonl")
     made = replies.make_replies(model, Tok(), convs, path, 10, batch_size=3, sampled=0.5, seed=4)
-    assert [r["index"] for r in made] == list(range(7)) and os.path.exists(path)
-    assert not os.path.exists(path + ".partial")
+    assert [r["index"] for r in made] == list(range(7)) and len(replies.read_done(path)) == 7
     assert any(r["sampled"] for r in made) and not all(r["sampled"] for r in made)
     for r in made:  # every reply is what plain decoding of its prompt gives, with its own sampler
         sampler = Sampler(0.0) if not r["sampled"] else Sampler(0.7, 0.9, 4 * 1_000_003 + r["index"])
         assert r["reply"] == generate(model, r["prompt"], 10, sampler, {0}).tokens
 
-    # interrupted after the first batch: the partial file holds it (and a cut line); the rerun
-    # makes only what is missing and ends with the same replies
-    path2, calls = str(tmp_path / "r2.jsonl"), []
-    real = replies.generate_batch
+    # interrupted in the second batch, with a line half written: the rerun drops that line, makes
+    # only what is missing, and ends with the same replies
+    path2, calls, real = str(tmp_path / "r2.jsonl"), [], replies.generate_batch
 
     def interrupted(model, prompts, *a, **kw):
         calls.append(len(prompts))
         if calls == [3, 3]:  # the first run's second batch
-            with open(path2 + ".partial", "a") as f:
+            with open(path2, "a") as f:
                 f.write('{"index": 5, "prom')  # a line the interrupt cut
             raise KeyboardInterrupt
         return real(model, prompts, *a, **kw)
     monkeypatch.setattr(replies, "generate_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         replies.make_replies(model, Tok(), convs, path2, 10, batch_size=3, sampled=0.5, seed=4)
-    assert not os.path.exists(path2) and len(replies.read_done(path2 + ".partial")) == 3
+    assert len(replies.read_done(path2)) == 3
     calls.clear()
-    again = replies.make_replies(model, Tok(), convs, path2, 10, batch_size=3, sampled=0.5, seed=4)
-    assert calls == [3, 1] and again == made and os.path.exists(path2)
-    monkeypatch.setattr(replies, "generate_batch", None)  # a finished file is read, nothing generated
-    assert replies.make_replies(model, Tok(), convs, path2, 10) == made
+    assert replies.make_replies(model, Tok(), convs, path2, 10, batch_size=3, sampled=0.5, seed=4) == made
+    assert calls == [3, 1]
+
+    # asking for fewer gives the first ones; asking for more makes only the new ones
+    path3 = str(tmp_path / "r3.jsonl")
+    assert replies.make_replies(model, Tok(), convs[:4], path3, 10, batch_size=3, sampled=0.5, seed=4) == made[:4]
+    calls.clear()
+    assert replies.make_replies(model, Tok(), convs, path3, 10, batch_size=3, sampled=0.5, seed=4) == made
+    assert calls == [3]
+    monkeypatch.setattr(replies, "generate_batch", None)  # all there: nothing generated
+    assert replies.make_replies(model, Tok(), convs[:5], path3, 10) == made[:5]
 
 
 def test_reply_key_names_everything_that_made_the_replies():
-    base = dict(count=10, tokens=128, temperature=0.7, top_p=0.9, sampled=0.0, seed=0)
+    base = dict(holdout=100, tokens=128, temperature=0.7, top_p=0.9, sampled=0.0, seed=0)
     key = replies.reply_key({"m": 1}, "data", base)
     assert key == replies.reply_key({"m": 1}, "data", dict(base))
-    for change in ({"count": 11}, {"tokens": 64}, {"sampled": 0.5}, {"seed": 1}, {"top_p": 1.0}):
+    for change in ({"holdout": 50}, {"tokens": 64}, {"sampled": 0.5}, {"seed": 1}, {"top_p": 1.0}):
         assert replies.reply_key({"m": 1}, "data", {**base, **change}) != key
     assert replies.reply_key({"m": 2}, "data", base) != key and replies.reply_key({"m": 1}, "other", base) != key
 
