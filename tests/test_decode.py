@@ -13,7 +13,6 @@ from decode import accept, generate_tree
 from generate import Sampler, generate
 from medusa import Medusa
 from model import KVCache, causal_mask
-from transfer import HiddenTransfer
 from tree import Tree, chain
 
 TREES = {

@@ -3,7 +3,6 @@
 import random
 
 import pytest
-import torch
 
 from conftest import Oracle, check_cache, random_transfer, tiny
 from decode import generate_tree

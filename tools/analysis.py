@@ -91,7 +91,7 @@ def hidden_similarity(model, drafter, windows):
 
 def print_similarity(pseudo_cos, copy_cos, t):
     k = pseudo_cos.shape[1]
-    print(f"\ncosine(pseudo h~^l_(p,i), real h^l_(p+i))  |  copy: cosine(h^l_p, h^l_(p+i))")
+    print("\ncosine(pseudo h~^l_(p,i), real h^l_(p+i))  |  copy: cosine(h^l_p, h^l_(p+i))")
     offsets = " ".join(f"  i={i}" for i in range(1, k + 1))
     print(f"layer {offsets}  | {offsets}")
     for r in range(pseudo_cos.shape[0]):

@@ -51,6 +51,7 @@ class StaticCache(KVCache):
     def check(self, slots, mask):
         pass  # data-dependent, so not in a graph; the decoders sized the cache and built the masks
 
+
 BUCKET = 256  # cache lengths are rounded up to a multiple: one compiled graph per bucket, not per prompt
 
 

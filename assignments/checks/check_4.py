@@ -5,8 +5,6 @@ seeded; the tree of every pass is observed too."""
 
 import random
 
-import torch
-
 from common import cache_equals_prefill, check, expect, oracle_drafter, random_paths, random_transfer, tiny_model
 
 TREES = [[(0,), (0, 0), (0, 0, 0)], [(0,), (1,), (2,), (0, 0), (1, 0)],

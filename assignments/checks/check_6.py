@@ -78,8 +78,7 @@ def check_expected_tau_exact():
 @check("build_tree(accept, n) returns the n-node tree (root included) with the highest expected tau: "
        "grow from the root, always adding the most probable node (product along its path)")
 def check_build_tree_is_optimal():
-    from tools.tree_choice import build_tree, expected_tau
-    from tree import Tree
+    from tools.tree_choice import build_tree
     for seed, (k, top_r) in enumerate([(2, 3), (3, 2), (3, 3)]):
         rates = random_rates(10 + seed, k, top_r)
         candidates = all_paths(k, top_r)
