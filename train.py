@@ -205,7 +205,7 @@ def parse_args(argv=None):
                    help="the first N conversations read are held out: never trained on, never answered for it")
     p.add_argument("--eval-windows", type=int_range(1), default=50, help="windows of each held-out set")
     # the recipe
-    p.add_argument("--steps", type=int_range(1), default=2400, help="optimizer steps")
+    p.add_argument("--steps", type=int_range(1), default=600, help="optimizer steps")
     p.add_argument("--batch-size", type=int_range(1), default=1, help="windows per step")
     p.add_argument("--seq-len", type=int_range(2), default=256, help="tokens per training window (<= context)")
     p.add_argument("--positions-per-seq", type=int_range(0), default=48,
