@@ -6,6 +6,7 @@ A planted edit must match the reference exactly once: when a refactor moves the 
 fails loudly instead of passing without planting anything. This file is left out of student copies.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -122,6 +123,67 @@ def run(args, cwd):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+def student_copy(tmp, n):
+    out = tmp / "copy"
+    r = run(["assignments/make.py", str(n), "--out", str(out)], ROOT)
+    assert r.returncode == 0, r.stderr
+    assert not (out / "assignments" / "KEY.md").exists() and not (out / "tests" / "test_assignments.py").exists()
+    assert not (out / ".git").exists()
+    return str(out)
+
+
+def edited_copy(tmp, table, n, i):
+    """An uncut copy of the reference with edit i of assignment n from `table` made in it."""
+    path, right, edit, what = table[n][i]
+    out = str(tmp / "copy")
+    make.make([], ROOT, out)
+    with open(os.path.join(out, path)) as f:
+        src = f.read()
+    assert src.count(right) == 1, f"'{what}': the reference text is not in {path} exactly once " \
+                                  "(did a refactor move it? update the table)"
+    with open(os.path.join(out, path), "w") as f:
+        f.write(src.replace(right, edit))
+    return out
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    """Every grading this file needs, run by one process (tests/grade_many.py: torch is imported
+    once, each copy's modules afresh): {job: (exit status, output)}, or the error that kept a job's
+    copy from being made."""
+    jobs = [("reference", lambda: ROOT, ["all"])]
+    for n in sorted(make.ASSIGNMENTS):
+        jobs.append((("student", n), lambda n=n: student_copy(tmp_path_factory.mktemp("student"), n), [str(n)]))
+    for n in sorted(PLANTED):
+        for i in range(len(PLANTED[n])):
+            jobs.append((("planted", n, i), lambda n=n, i=i: edited_copy(tmp_path_factory.mktemp("planted"),
+                                                                           PLANTED, n, i), [str(n), "--first-failure"]))
+    for n in sorted(ALTERNATIVES):
+        for i in range(len(ALTERNATIVES[n])):
+            jobs.append((("otherwise", n, i), lambda n=n, i=i: edited_copy(tmp_path_factory.mktemp("otherwise"),
+                                                                             ALTERNATIVES, n, i), [str(n)]))
+    results, ready = {}, []
+    for key, prepare, args in jobs:
+        try:
+            ready.append((key, prepare(), args))
+        except AssertionError as e:
+            results[key] = e
+    listing = tmp_path_factory.mktemp("jobs") / "jobs.json"
+    listing.write_text(json.dumps([[copy, args] for _, copy, args in ready]))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "grade_many.py"), str(listing)],
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr
+    for (key, _, _), (status, out) in zip(ready, json.loads(r.stdout.splitlines()[-1])):
+        results[key] = (status, out)
+    return results
+
+
+def grading(graded, key):
+    if isinstance(graded[key], AssertionError):
+        raise graded[key]
+    return graded[key]
+
+
 def test_every_assignment_has_planted_mistakes():
     assert sorted(PLANTED) == sorted(make.ASSIGNMENTS)
     assert all(len(v) >= 3 for v in PLANTED.values())
@@ -138,23 +200,18 @@ def test_the_table_names_functions_that_exist():
         make.cut("class Tree:\n    pass\n", ["Tree.nowhere"], 2, "tree.py")
 
 
-def test_reference_passes_every_check():
-    r = run(["assignments/grade.py", "all"], ROOT)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "FAIL" not in r.stdout
+def test_reference_passes_every_check(graded):
+    status, out = grading(graded, "reference")
+    assert status == 0, out
+    assert "FAIL" not in out
 
 
 @pytest.mark.parametrize("n", sorted(make.ASSIGNMENTS))
-def test_student_copy_fails_clearly(n, tmp_path):
-    out = tmp_path / "copy"
-    r = run(["assignments/make.py", str(n), "--out", str(out)], ROOT)
-    assert r.returncode == 0, r.stderr
-    assert not (out / "assignments" / "KEY.md").exists() and not (out / "tests" / "test_assignments.py").exists()
-    assert not (out / ".git").exists()
-    g = run(["assignments/grade.py", str(n)], out)
-    assert g.returncode == 1, g.stdout + g.stderr
-    assert f"not implemented yet: assignment {n}: implement" in g.stdout, g.stdout
-    assert "Traceback" not in g.stdout + g.stderr
+def test_student_copy_fails_clearly(graded, n):
+    status, out = grading(graded, ("student", n))
+    assert status == 1, out
+    assert f"not implemented yet: assignment {n}: implement" in out, out
+    assert "Traceback" not in out
 
 
 def test_all_cut_copy_still_imports_and_runs_its_scripts(tmp_path):
@@ -178,30 +235,13 @@ def test_make_refuses_bad_arguments(tmp_path):
 
 @pytest.mark.parametrize("n,i", [(n, i) for n in sorted(PLANTED) for i in range(len(PLANTED[n]))],
                          ids=[f"{n}-{m[3].replace(' ', '_')}" for n in sorted(PLANTED) for m in PLANTED[n]])
-def test_planted_mistake_fails_a_check(n, i, tmp_path):
-    path, right, wrong, what = PLANTED[n][i]
-    out = str(tmp_path / "copy")
-    make.make([], ROOT, out)  # an uncut copy of the reference
-    with open(os.path.join(out, path)) as f:
-        src = f.read()
-    assert src.count(right) == 1, f"planting '{what}': the reference text is not in {path} exactly once " \
-                                  "(did a refactor move it? update PLANTED)"
-    with open(os.path.join(out, path), "w") as f:
-        f.write(src.replace(right, wrong))
-    r = run(["assignments/grade.py", str(n), "--first-failure"], out)
-    assert r.returncode == 1 and "FAIL" in r.stdout, f"the grader passed a wrong solution ({what}):\n{r.stdout}"
+def test_planted_mistake_fails_a_check(graded, n, i):
+    status, out = grading(graded, ("planted", n, i))
+    assert status == 1 and "FAIL" in out, f"the grader passed a wrong solution ({PLANTED[n][i][3]}):\n{out}"
 
 
 @pytest.mark.parametrize("n,i", [(n, i) for n in sorted(ALTERNATIVES) for i in range(len(ALTERNATIVES[n]))],
                          ids=[f"{n}-{m[3].replace(' ', '_')}" for n in sorted(ALTERNATIVES) for m in ALTERNATIVES[n]])
-def test_a_correct_solution_written_otherwise_passes(n, i, tmp_path):
-    path, right, other, what = ALTERNATIVES[n][i]
-    out = str(tmp_path / "copy")
-    make.make([], ROOT, out)
-    with open(os.path.join(out, path)) as f:
-        src = f.read()
-    assert src.count(right) == 1, f"{what}: the reference text is not in {path} exactly once (update ALTERNATIVES)"
-    with open(os.path.join(out, path), "w") as f:
-        f.write(src.replace(right, other))
-    r = run(["assignments/grade.py", str(n)], out)
-    assert r.returncode == 0 and "FAIL" not in r.stdout, f"the grader rejected a right answer ({what}):\n{r.stdout}"
+def test_a_correct_solution_written_otherwise_passes(graded, n, i):
+    status, out = grading(graded, ("otherwise", n, i))
+    assert status == 0 and "FAIL" not in out, f"the grader rejected a right answer ({ALTERNATIVES[n][i][3]}):\n{out}"
