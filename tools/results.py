@@ -123,8 +123,10 @@ def latency_section(lat, figures) -> list:
 def bench_section(path, b, figures) -> list:
     s, env = b["settings"], b["env"]
     mode = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}, top-p {s['top_p']}"
+    flags = "" if s["temperature"] == 0 else f" --temperature {s['temperature']} --top-p {s['top_p']}"
+    flags += "" if os.path.basename(path) == "results.json" else f" --out {os.path.basename(path)}"
     out = [f"## The benchmark: `{path}`", "",
-           f"`python bench.py`: MT-Bench, {s['prompts']} prompts x {s['turns']} turn(s), {s['max_new_tokens']} new "
+           f"`python bench.py{flags}`: MT-Bench, {s['prompts']} prompts x {s['turns']} turn(s), {s['max_new_tokens']} new "
            f"tokens, {mode}, methods taking turns prompt by prompt{', compiled' if s.get('compile') else ''}; "
            f"{env['machine']}, {env['dtype']}, load average {env['load_average']} at the start.", ""]
     rows = []
