@@ -60,6 +60,20 @@ class LastHidden(Drafter):
         return self(h_L.gather(1, positions[..., None].expand(-1, -1, d))), h_L
 
 
+def decodes_losslessly_and_benches(model, drafter, plan, tree):
+    """The plan train.py chose and another tree, greedy and seeded: exactly plain decoding's tokens;
+    then bench.py beside plain decoding, with no mismatch. Returns bench's results."""
+    prompt = fake_windows(1, seed=2)[0][0][:10].tolist()
+    for t in (plan, tree):
+        for sampler in (lambda: Sampler(), lambda: Sampler(0.8, 0.9, seed=5)):
+            ref = generate(model, prompt, 24, sampler())
+            assert generate_tree(model, drafter, prompt, t, 24, sampler()).tokens == ref.tokens
+    prompts = [("writing", ["Write a poem."]), ("math", ["What is 2 + 2?"])]
+    results = bench.run_bench(model, FakeTokenizer(), {"plain": None, drafter.kind: (drafter, plan)}, prompts, 12)
+    assert results["mismatches"] == [] and f"| {drafter.kind} |" in bench.report(results)
+    return results
+
+
 @pytest.fixture
 def registered():
     register(LastHidden)
@@ -80,17 +94,10 @@ def test_a_new_drafter_trains_decodes_and_benches(registered, tmp_path):
     assert plan.fields() == {k: out[k] for k in ("tree", "pseudo_nodes", "pseudo_depth")}
     assert "(last-hidden)" in note
 
-    prompt = fake_windows(1, seed=2)[0][0][:10].tolist()
-    for t in (plan, Tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], k=3)):
-        for sampler in (lambda: Sampler(), lambda: Sampler(0.8, 0.9, seed=5)):
-            ref = generate(model, prompt, 24, sampler())
-            assert generate_tree(model, drafter, prompt, t, 24, sampler()).tokens == ref.tokens
-
-    prompts = [("writing", ["Write a poem."]), ("math", ["What is 2 + 2?"])]
-    results = bench.run_bench(model, FakeTokenizer(), {"plain": None, "last-hidden": (drafter, plan)}, prompts, 12)
+    tree = Tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], k=3)
+    results = decodes_losslessly_and_benches(model, drafter, plan, tree)
     s = results["summary"]
-    assert results["mismatches"] == [] and s["last-hidden"]["tokens"] == s["plain"]["tokens"]
-    assert "| last-hidden |" in bench.report(results)
+    assert s["last-hidden"]["tokens"] == s["plain"]["tokens"]
 
 
 class MLPTransfer(HiddenTransfer):
@@ -132,15 +139,7 @@ def test_an_mlp_projection_trains_decodes_losslessly_and_benches(mlp, tmp_path):
     assert isinstance(drafter, MLPTransfer) and isinstance(drafter.proj, Residual)
     untrained = MLPTransfer(64, 2, 2)
     assert any(not torch.equal(x, untrained.state_dict()[n]) for n, x in drafter.state_dict().items()), "it trained"
-    prompt = fake_windows(1, seed=2)[0][0][:10].tolist()
-    for t in (plan, Tree.parse("tree4", k=2)):
-        for sampler in (lambda: Sampler(), lambda: Sampler(0.8, 0.9, seed=5)):
-            ref = generate(model, prompt, 24, sampler())
-            assert generate_tree(model, drafter, prompt, t, 24, sampler()).tokens == ref.tokens
-
-    prompts = [("writing", ["Write a poem."]), ("math", ["What is 2 + 2?"])]
-    results = bench.run_bench(model, FakeTokenizer(), {"plain": None, "mlp-transfer": (drafter, plan)}, prompts, 12)
-    assert results["mismatches"] == [] and "| mlp-transfer |" in bench.report(results)
+    decodes_losslessly_and_benches(model, drafter, plan, Tree.parse("tree4", k=2))
 
 
 def test_the_new_kind_is_a_choice_of_every_script(registered):
