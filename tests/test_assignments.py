@@ -206,6 +206,14 @@ def test_reference_passes_every_check(graded):
     assert "FAIL" not in out
 
 
+def test_grade_runs_as_a_command():
+    """The gradings above share one process; this one is the command a student types."""
+    r = run(["assignments/grade.py", "1"], ROOT)
+    assert r.returncode == 0 and "FAIL" not in r.stdout and "checks passed" in r.stdout, r.stdout + r.stderr
+    r = run(["assignments/grade.py", "9"], ROOT)
+    assert r.returncode == 1 and r.stderr.startswith("error: "), r.stderr
+
+
 @pytest.mark.parametrize("n", sorted(make.ASSIGNMENTS))
 def test_student_copy_fails_clearly(graded, n):
     status, out = grading(graded, ("student", n))
