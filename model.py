@@ -164,18 +164,27 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, n_kv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, n_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            n = slots.numel()                                  # tokens to store; the rest are ephemeral
-            kv_len = mask.shape[-1] - (T - n)                  # the cache columns of the mask
-            ck, cv = cache.update(self.layer, slots, k[:, :, :n], v[:, :, :n])  # (B, n_kv, max_len, hd)
-            if n == T:  # nothing ephemeral: read the cache in place, no copy
-                k, v = ck[:, :, :kv_len], cv[:, :, :kv_len]
-            else:
-                k = torch.cat([ck[:, :, :kv_len], k[:, :, n:]], dim=2)  # (B, n_kv, kv_len + T - n, hd)
-                v = torch.cat([cv[:, :, :kv_len], v[:, :, n:]], dim=2)
-        # k, v: (B, n_kv, S, hd); each kv head serves n_heads / n_kv query heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1),
-                                           enable_gqa=self.n_kv != self.n_heads)
+        gqa = self.n_kv != self.n_heads  # each kv head serves n_heads / n_kv query heads
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), enable_gqa=gqa)
+            return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        n = slots.numel()                                      # tokens to store; the rest are ephemeral
+        kv_len = mask.shape[-1] - (T - n)                      # the cache columns of the mask
+        ck, cv = cache.update(self.layer, slots, k[:, :, :n], v[:, :, :n])  # (B, n_kv, max_len, hd)
+        ck, cv = ck[:, :, :kv_len], cv[:, :, :kv_len]          # a view: the cache read in place
+        # The stored (real) rows read the cache columns only. A masked column still enters the
+        # product as 0 x value, and 0 x NaN or 0 x inf is NaN: a pseudo token's K/V must not even be
+        # in the real rows' product, so that no drafter value can change a real token.
+        rows = []
+        if n:
+            rows.append(F.scaled_dot_product_attention(q[:, :, :n], ck, cv, enable_gqa=gqa,
+                                                       attn_mask=mask[:, :n, :kv_len].unsqueeze(1)))
+        if n < T:  # the ephemeral rows read the cache and the ephemeral tokens
+            k = torch.cat([ck, k[:, :, n:]], dim=2)            # (B, n_kv, kv_len + T - n, hd)
+            v = torch.cat([cv, v[:, :, n:]], dim=2)
+            rows.append(F.scaled_dot_product_attention(q[:, :, n:], k, v, enable_gqa=gqa,
+                                                       attn_mask=mask[:, n:].unsqueeze(1)))
+        y = torch.cat(rows, dim=2) if len(rows) > 1 else rows[0]  # (B, nh, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))    # (B, T, dim)
 
 
