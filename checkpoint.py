@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pickle
+import uuid
 from dataclasses import asdict
 
 import torch
@@ -47,14 +48,20 @@ def train_command(kind: str) -> str:
 
 def save_atomic(path: str, obj):
     """Write obj to path (JSON for a .json path, torch.save otherwise) through a temporary file and a
-    rename: an interrupted write leaves the old file or none, never half a file."""
+    rename: an interrupted write leaves the old file or none, never half a file. The temporary name
+    is this process's own, so two processes saving one path never write into each other's file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.endswith(".json"):
-        with open(path + ".tmp", "w") as f:
-            json.dump(obj, f, indent=1)
-    else:
-        torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        if path.endswith(".json"):
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=1)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed or was interrupted: leave no debris
+            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------- saving
@@ -66,9 +73,46 @@ def model_identity(model: Transformer) -> dict:
     return {"config_sha": hashlib.sha256(cfg.encode()).hexdigest()[:16], "embedding_probe": probe.tolist()}
 
 
+def checksum(ckpt: dict) -> str:
+    """sha256 of everything in a checkpoint but its "checksum": every tensor's bytes, shape and dtype,
+    every other value's repr. A flipped byte inside a tensor loads without complaint; this sees it."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k, v in sorted(x.items(), key=lambda kv: repr(kv[0])):
+                if k != "checksum":
+                    h.update(repr(k).encode())
+                    walk(v)
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+    walk(ckpt)
+    return h.hexdigest()
+
+
+def verify_checksum(ckpt: dict, path: str):
+    """A checkpoint whose contents changed after save_checkpoint wrote them (damaged on disk, or
+    edited by hand) is refused. Checkpoints saved before checksums have none and are not checked."""
+    if "checksum" in ckpt and ckpt["checksum"] != checksum(ckpt):
+        raise CheckpointError(f"{path} is damaged or was edited: its contents no longer match the checksum "
+                              "train.py stored; train it again or restore a copy")
+
+
 def save_checkpoint(path: str, drafter: Drafter, model: Transformer, extra: dict):
     state = {"kind": drafter.kind, "config": drafter.config(), "identity": model_identity(model),
              "state_dict": drafter.state_dict(), **extra}
+    state["checksum"] = checksum(state)
     save_atomic(path, state)
 
 
@@ -86,7 +130,7 @@ def open_checkpoint(path: str, kind: str | None = None) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):
+        if "unsupported global" in str(e).lower():  # "Unsupported global", "unsupported GLOBAL ... blocked"
             raise CheckpointError(f"{path} is not safe to load: it holds Python objects that could run "
                                   "code, and torch.load(weights_only=True) refused it") from None
         raise CheckpointError(f"{path} is not a drafter checkpoint (not a file torch.save wrote)") from None
@@ -162,7 +206,8 @@ def load_drafter(model: Transformer, path: str | None = None, kind: str | None =
     ckpt = open_checkpoint(path, kind)
     drafter = build_drafter(ckpt, path, model)
     try:
-        plan = Plan.from_fields(ckpt, drafter.k)
+        plan = Plan.from_fields(ckpt, drafter.k).check_vocab(model.args.vocab_size)
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path} stores a bad plan: {e}") from None
+    verify_checksum(ckpt, path)  # last: a hand-edited field gets its own reason above first
     return drafter, plan, f"drafter: {path} ({drafter.kind}), plan {plan.text()}"

@@ -76,6 +76,7 @@ def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_token
     if max(plan.tree.depth, plan.depth) > drafter.k:
         raise ValueError(f"the plan reads {max(plan.tree.depth, plan.depth)} drafts but the drafter "
                          f"drafts only {drafter.k}")
+    plan.check_vocab(model.args.vocab_size)
     fit_context(model, prompt, max_new_tokens, plan.tree.size)  # the last pass holds a whole tree
     dev, dtype = model.output.weight.device, model.output.weight.dtype
     n, need = len(prompt), len(prompt) + max_new_tokens + plan.tree.size
@@ -194,7 +195,7 @@ def main(argv=None):
     print(note, file=sys.stderr)
     if args.tree:
         try:
-            plan = Plan.full(Tree.parse(args.tree, k=drafter.k), drafter.k)
+            plan = Plan.full(Tree.parse(args.tree, k=drafter.k), drafter.k).check_vocab(model.args.vocab_size)
         except ValueError as e:
             sys.exit(f"error: --tree: {e}")
     prompt = encode_prompt(args, model, tok, plan.tree.size)

@@ -36,6 +36,20 @@ class RunsCode:
         return open, (self.marker, "w")
 
 
+class RunsShell:
+    """A pickle of os.system: torch refuses its module as blocked ("unsupported GLOBAL ... blocked")."""
+
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+def flipped(data: bytes, tensor: torch.Tensor, n: int = 64) -> bytes:
+    """data with n bytes inside `tensor`'s stored bytes inverted: a file that still loads."""
+    raw = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+    at = data.index(raw) + len(raw) // 2
+    return data[:at] + bytes(b ^ 0xFF for b in data[at:at + n]) + data[at + n:]
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random LLaMA that --model can load: config.json, model.safetensors, tokenizer.json."""
@@ -69,6 +83,14 @@ def bad_checkpoints(folder: Path, model) -> dict:
     write("empty", b"", "is empty")
     write("truncated", good.read_bytes()[:len(good.read_bytes()) // 2], "truncated")
     write("unsafe pickle", {"kind": "transfer", "x": RunsCode(str(folder / "ran"))}, "not safe to load")
+    write("blocked module", {"kind": "transfer", "x": RunsShell()}, "not safe to load")
+    write("flipped bytes", flipped(good.read_bytes(), ckpt["state_dict"]["proj.weight"]), "damaged or was edited")
+    write("edited weights", {**ckpt, "state_dict": {k: v + 1 for k, v in ckpt["state_dict"].items()}},
+          "damaged or was edited")
+    write("float node", {**ckpt, "tree": [[0], [1]], "pseudo_nodes": [0, 1.5], "pseudo_depth": 1},
+          "must be integers")
+    write("rank beyond the vocabulary", {**ckpt, "tree": [[0], [96]]}, "reads draft rank 96, but the model's "
+          "vocabulary has only 96 tokens")
     write("not a dict", [1, 2, 3], "has no kind, config, identity, state_dict")
     write("no identity", {k: v for k, v in ckpt.items() if k != "identity"}, "has no identity")
     write("unknown kind", {**ckpt, "kind": "eagle"}, "unknown kind 'eagle'")
@@ -142,6 +164,23 @@ def test_save_atomic_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_atomic(path, {"a": 2})
     assert json.loads(Path(path).read_text()) == {"a": 1}, "the old file must survive an interrupted write"
+    assert os.listdir(tmp_path / "sub") == ["r.json"], "no temporary file is left behind"
+
+
+def test_two_writers_of_one_path_never_share_a_temporary_file(tmp_path, monkeypatch):
+    """Another process saving the same path while this one writes (simulated: the other save runs
+    inside this one's write). With one shared temporary name, the inner save renames the outer's
+    half-written file into place and the outer's rename then fails."""
+    path, real_dump, nested = str(tmp_path / "r.json"), json.dump, []
+
+    def dump(obj, f, **kw):
+        if not nested:
+            nested.append(1)
+            save_atomic(path, {"writer": "other"})
+        real_dump(obj, f, **kw)
+    monkeypatch.setattr(json, "dump", dump)
+    save_atomic(path, {"writer": "this"})
+    assert json.loads(Path(path).read_text()) == {"writer": "this"} and os.listdir(tmp_path) == ["r.json"]
 
 
 # ----------------------------------------------------------------------------- the command line
