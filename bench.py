@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import DRAFTERS, default_checkpoint, load_drafter, open_checkpoint, save_atomic, train_command
-from cli import (DTYPES, HelpFormatter, add_common_args, check_common_args, describe_machine, fit_context, int_range,
-                 load, run_main)
+from cli import (DTYPES, HelpFormatter, add_common_args, check_common_args, check_writable, describe_machine,
+                 fit_context, int_range, load, run_main)
 from data import pick_mtbench, read_mtbench
 from decode import generate_tree
 from generate import Generation, Sampler, generate
@@ -253,7 +253,7 @@ def load_drafters(model, args, found: dict) -> dict:
         kernels.apply(drafter)
         if args.tree:  # one tree for every drafter, pseudo tokens sized to it: like for like
             try:
-                plan = Plan.full(Tree.parse(args.tree, k=drafter.k), drafter.k)
+                plan = Plan.full(Tree.parse(args.tree, k=drafter.k), drafter.k).check_vocab(model.args.vocab_size)
             except ValueError as e:
                 fail(f"--tree: {e}")
         out[name] = (drafter, plan, ckpt.get("accept_rates"))
@@ -302,6 +302,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     check_common_args(args)
+    check_writable(args.out, "--out", ".json")  # now, not after the whole benchmark has run
     try:
         found = {} if args.untrained else find_checkpoints(args)
         if not args.latency:

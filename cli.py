@@ -7,9 +7,11 @@ their flags through it. METHOD.md never needs it. The error contract it keeps is
 """
 
 import argparse
+import contextlib
 import math
 import os
 import platform
+import signal
 import sys
 
 import torch
@@ -109,16 +111,59 @@ def check_common_args(args):
         torch.set_num_threads(args.threads)
 
 
+def check_writable(path: str, flag: str, suffix: str | None = None):
+    """An output path checked before any long work, so that a run's results are never lost at the
+    end: not empty, not a directory, with `suffix` (e.g. ".json") if given, and in a directory that
+    exists or can be made, and that this user may write. A bad one is one line and exit 1."""
+    if not path or not path.strip():
+        sys.exit(f"error: {flag} is empty: name the file to write")
+    if os.path.isdir(path) or path.endswith(os.sep):
+        sys.exit(f"error: {flag} {path} is a directory: name a file in it")
+    if suffix and not path.endswith(suffix):
+        sys.exit(f"error: {flag} {path}: the file is written as {suffix[1:].upper()}, so its name must end "
+                 f"in {suffix}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # save_atomic makes the missing directories
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        sys.exit(f"error: {flag} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        sys.exit(f"error: {flag} {path}: no permission to write there")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler's time limit), raised like Ctrl-C: what saves on Ctrl-C saves."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """Ctrl-C and SIGTERM ignored while the block runs (a save that must finish once begun)."""
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 def run_main(main):
     """Every script's `if __name__ == "__main__":` runs its main() through this: Ctrl-C anywhere
     (loading, tokenising, decoding, benchmarking) ends it with one line and exit status 130, what a
     shell expects of an interrupted command, so `python train.py && python bench.py` stops there.
-    (train.py saves its checkpoint first, then lets the interrupt through.)"""
+    SIGTERM is handled the same way (exit 143). (train.py saves its checkpoint first, then lets the
+    interrupt through.)"""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
-    except KeyboardInterrupt:
-        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C now would print a traceback
+        terminated = isinstance(e, Terminated)
+        print("\nterminated (SIGTERM)" if terminated else "\ninterrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(143 if terminated else 130)
 
 
 def load(args):

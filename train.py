@@ -22,9 +22,9 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import (DRAFTERS, build_drafter, default_checkpoint, open_checkpoint, save_atomic,
-                        save_checkpoint)
-from cli import (HelpFormatter, add_common_args, check_common_args, describe_machine, float_range, int_range, list_of,
-                 load, run_main)
+                        save_checkpoint, verify_checksum)
+from cli import (HelpFormatter, add_common_args, check_common_args, check_writable, describe_machine, float_range,
+                 int_range, list_of, load, run_main, uninterrupted)
 from data import batches
 from distill import choose_positions, distill_loss, teacher_logprobs
 from evaluate import evaluate_all, format_all
@@ -46,6 +46,21 @@ def lr_at(step: int, args) -> float:
         return args.lr * (step + 1) / args.warmup
     done = (step - args.warmup) / max(1, args.steps - args.warmup)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
+
+
+FP16_MAX = 65504.0  # a weight beyond it is inf when decoding in float16: the run has diverged
+
+
+def diverged(loss: float, drafter) -> str | None:
+    """Why training cannot go on, or None: a loss that is not finite, or a weight that is not
+    finite or beyond float16's range (a learning rate far too high, such as --lr 1e30)."""
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    biggest = max(float(p.detach().abs().max()) for p in drafter.parameters())
+    if not biggest <= FP16_MAX:  # NaN fails this too
+        return f"a weight is {biggest:.3g}" + ("" if math.isnan(biggest) or math.isinf(biggest)
+                                                else f", beyond float16's range ({FP16_MAX:.0f})")
+    return None
 
 
 def train_step(model, drafter, opt, ids, assistant, args, step, frozen=None) -> float:
@@ -79,25 +94,49 @@ def make_drafter(args, model):
     return drafter.to(model.output.weight.device)
 
 
-def restore(args, model, drafter, opt):
-    """Continue exactly where --drafter-checkpoint stopped: drafter, AdamW state and step (the data
-    stream, the positions and the learning rate are functions of the seed and step).
-    Returns (step, history)."""
+def resumable(args, model) -> dict:
+    """The checkpoint --resume continues, checked before any long work: it exists, loads, fits the
+    model and was trained with these flags. A bad one is a ValueError (one line)."""
     path = args.drafter_checkpoint
     if not os.path.exists(path):
-        sys.exit(f"error: --resume: no checkpoint at {path} to continue; drop --resume or fix "
-                 "--drafter-checkpoint")
+        raise ValueError(f"--resume: no checkpoint at {path} to continue; drop --resume or fix "
+                         "--drafter-checkpoint")
     ckpt = open_checkpoint(path, args.drafter)
-    build_drafter(ckpt, path, model)  # refuses another model, config or shape
-    changed = [k for k in RUN_KEYS if ckpt.get("train_args", {}).get(k) != getattr(args, k)]
-    changed += ["drafter config"] if ckpt["config"] != drafter.config() else []
+    drafter = build_drafter(ckpt, path, model)  # refuses another model, config or shape
+    verify_checksum(ckpt, path)
+    missing = [f for f in ("step", "optimizer", "history", "train_args") if f not in ckpt]
+    if missing:
+        raise ValueError(f"--resume: {path} has no {', '.join(missing)}: it is not a checkpoint of an "
+                         "unfinished train.py run")
+    train_args = ckpt["train_args"] if isinstance(ckpt["train_args"], dict) else {}
+    changed = [k for k in RUN_KEYS if train_args.get(k) != getattr(args, k)]
+    changed += ["drafter config"] if ckpt["config"] != make_drafter(args, model).config() else []
     if changed:
-        sys.exit(f"error: --resume: {path} was trained with other {', '.join(changed)}; "
-                 "use the same flags, or a new --drafter-checkpoint")
-    drafter.load_state_dict(ckpt["state_dict"])
-    opt.load_state_dict(ckpt["optimizer"])
-    print(f"resuming {path} at step {ckpt['step']} of {args.steps}")
-    return ckpt["step"], ckpt["history"]
+        raise ValueError(f"--resume: {path} was trained with other {', '.join(changed)}; "
+                         "use the same flags, or a new --drafter-checkpoint")
+    del drafter
+    return ckpt
+
+
+def restore(args, model, drafter, opt):
+    """Continue exactly where --drafter-checkpoint stopped: drafter, AdamW state and step (the data
+    stream, the positions and the learning rate are functions of the seed and step), the loss and
+    evaluation history and the training time. Returns (step, history, evals, train_s)."""
+    path = args.drafter_checkpoint
+    try:
+        ckpt = resumable(args, model)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    try:
+        drafter.load_state_dict(ckpt["state_dict"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, history = int(ckpt["step"]), [float(x) for x in ckpt["history"]]
+        evals, train_s = list(ckpt.get("evals", [])), float(ckpt.get("train_s", 0.0))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.exit(f"error: --resume: {path} holds a damaged training state ({why})")
+    print(f"resuming {path} at step {step} of {args.steps}")
+    return step, history, evals, train_s
 
 
 def run(args, model, train_windows, held: dict, frozen_model=None, world=(0, 1), minutes=None) -> dict:
@@ -112,14 +151,14 @@ def run(args, model, train_windows, held: dict, frozen_model=None, world=(0, 1),
     out_path, dev = args.drafter_checkpoint, model.output.weight.device
     drafter = make_drafter(args, model)
     opt = torch.optim.AdamW(drafter.parameters(), lr=args.lr, weight_decay=0.0)
-    step, history = restore(args, model, drafter, opt) if args.resume else (0, [])
+    step, history, evals, train_s = restore(args, model, drafter, opt) if args.resume else (0, [], [], 0.0)
     trainee = distributed.wrap(drafter) if world[1] > 1 else drafter   # DDP: gradients averaged over ranks
     data = batches(train_windows, args.batch_size, args.seed, start_step=step)
     data = distributed.shard(data) if world[1] > 1 else data            # each rank its rows of a batch
     frozen = FrozenPasses(args.frozen_cache_gb * 2**30)
-    first, train_s, evals = step, 0.0, []  # train_s: seconds in training steps this run
+    first, before_s = step, train_s  # train_s: seconds in training steps, earlier runs included
     fields = lambda **more: {"step": step, "optimizer": opt.state_dict(), "train_args": dict(vars(args)),
-                             "history": history, "evals": evals, **more}
+                             "history": history, "evals": evals, "train_s": train_s, **more}
     bar = tqdm(total=args.steps, initial=step, unit="step", desc=f"training {args.drafter}")
     try:
         while step < args.steps:
@@ -128,6 +167,10 @@ def run(args, model, train_windows, held: dict, frozen_model=None, world=(0, 1),
             ids, assistant = ids.to(dev), assistant.to(dev)
             loss = train_step(frozen_model, trainee, opt, ids, assistant, args, step,
                               frozen(drafter, frozen_model, indices, ids))
+            why = diverged(loss, drafter)
+            if why:  # nothing is saved: --drafter-checkpoint keeps the last good state, if any
+                raise ValueError(f"training diverged at step {step + 1}: {why}; lower --lr (now {args.lr:g}). "
+                                 f"Nothing was saved: {out_path} keeps its last good checkpoint, if any")
             dt, step = time.perf_counter() - t0, step + 1
             train_s += dt
             history.append(loss)
@@ -137,9 +180,10 @@ def run(args, model, train_windows, held: dict, frozen_model=None, world=(0, 1),
                 evals.append({"step": step, "train_s": train_s, "held_out": evaluate_all(model, drafter, held)})
                 bar.write(f"step {step} ({train_s / 60:.1f} min of training):\n{format_all(evals[-1]['held_out'])}")
                 save_checkpoint(out_path, drafter, model, fields())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cli.run_main turns it into this)
         if main_process:  # saved before anything else: the progress bar cannot stand in the way
-            save_checkpoint(out_path, drafter, model, fields())
+            with uninterrupted():  # a second Ctrl-C must not cut the save short
+                save_checkpoint(out_path, drafter, model, fields())
         bar.close()
         print(f"\ninterrupted after step {step}: saved {out_path}; to continue, add --resume")
         raise  # saved: now stop the caller too (the command line exits 130, so `&&` chains stop)
@@ -164,8 +208,8 @@ def run(args, model, train_windows, held: dict, frozen_model=None, world=(0, 1),
     save_checkpoint(out_path, drafter, model, out)
     save_atomic(os.path.splitext(out_path)[0] + ".json", {k: v for k, v in out.items() if k != "optimizer"})
     last = history[-20:] or [float("nan")]
-    print(f"\n{args.drafter}: {step} steps; this run trained {train_s / 60:.1f} min "
-          f"({train_s / max(1, step - first):.2f} s/step); loss {sum(last) / len(last):.3f} (mean of the "
+    print(f"\n{args.drafter}: {step} steps; this run trained {(train_s - before_s) / 60:.1f} min "
+          f"({(train_s - before_s) / max(1, step - first):.2f} s/step); loss {sum(last) / len(last):.3f} (mean of the "
           f"last {len(last)} steps); plan {plan.text()}, expected tau {expected_tokens(plan, accept)[0]:.2f}")
     print(f"saved {out_path}; try it: python decode.py --drafter-checkpoint {out_path} --show")
     return out
@@ -238,7 +282,8 @@ def parse_args(argv=None):
                    help="gpu: a larger recipe for one GPU " + str(PRESETS["gpu"]))
     p.set_defaults(**PRESETS.get(p.parse_known_args(argv)[0].preset, {}))  # a preset moves the defaults
     args = p.parse_args(argv)
-    args.drafter_checkpoint = args.drafter_checkpoint or default_checkpoint(args.drafter)
+    if args.drafter_checkpoint is None:  # "" stays, to be refused by main in one line
+        args.drafter_checkpoint = default_checkpoint(args.drafter)
     args.offset_weights = args.offset_weights or [0.5 ** i for i in range(args.k)]  # 1, 0.5, 0.25, ...
     if len(args.offset_weights) != args.k:
         p.error(f"--offset-weights needs {args.k} numbers (one per offset), got {len(args.offset_weights)}")
@@ -247,12 +292,30 @@ def parse_args(argv=None):
     return args
 
 
+def check_vocab_flags(args, model):
+    """Flags bounded by the model, known only once it is loaded: refused before any long work."""
+    V, ctx = model.args.vocab_size, model.args.max_seq_len
+    for flag, value in (("--teacher-topk", args.teacher_topk), ("--top-r", args.top_r)):
+        if value > V:
+            raise ValueError(f"{flag} {value} is more than the model's vocabulary of {V} tokens")
+    if args.reply_tokens >= ctx:
+        raise ValueError(f"--reply-tokens {args.reply_tokens} leaves no room for a prompt in the model's "
+                         f"context of {ctx} tokens; lower it")
+
+
 def main(argv=None):
     args = parse_args(argv)
     world = distributed.setup(args)  # under torchrun: join the other processes (tools/distributed.py)
     check_common_args(args)
+    check_writable(args.drafter_checkpoint, "--drafter-checkpoint")  # now, not when saving after training
+    if args.drafter_checkpoint.endswith(".json"):
+        sys.exit(f"error: --drafter-checkpoint {args.drafter_checkpoint}: a checkpoint is not JSON (the JSON "
+                 "summary is written beside it); name it .pt")
     model, tok = load(args)
     try:
+        check_vocab_flags(args, model)
+        if args.resume:
+            resumable(args, model)  # a bad checkpoint is refused now, not after the replies
         train_windows, held, info = load_windows(args, model, tok)
         print(f"{info['note']} ({info['generation_min']:.1f} min)")
         if len(train_windows) < args.batch_size:
