@@ -151,6 +151,12 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv * self.hd, bias=False)
         self.wo = nn.Linear(args.n_heads * self.hd, args.dim, bias=False)
 
+    def attend(self, q, k, v, mask):
+        """softmax(q k^T / sqrt(hd), masked) v: q (B, nh, R, hd), k and v (B, n_kv, S, hd), mask
+        (B or 1, R, S); each kv head serves n_heads / n_kv query heads."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1),
+                                              enable_gqa=self.n_kv != self.n_heads)
+
     def forward(self, x, cos, sin, mask, slots=None, cache=None):
         """x: (B, T, dim). The first len(slots) tokens are written to the cache at `slots`; the
         remaining T - len(slots) tokens are ephemeral (pseudo tokens): their K/V serve this call only.
@@ -164,10 +170,8 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, n_kv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, n_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        gqa = self.n_kv != self.n_heads  # each kv head serves n_heads / n_kv query heads
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), enable_gqa=gqa)
-            return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+            return self.wo(self.attend(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
         n = slots.numel()                                      # tokens to store; the rest are ephemeral
         kv_len = mask.shape[-1] - (T - n)                      # the cache columns of the mask
         ck, cv = cache.update(self.layer, slots, k[:, :, :n], v[:, :, :n])  # (B, n_kv, max_len, hd)
@@ -175,15 +179,11 @@ class Attention(nn.Module):
         # The stored (real) rows read the cache columns only. A masked column still enters the
         # product as 0 x value, and 0 x NaN or 0 x inf is NaN: a pseudo token's K/V must not even be
         # in the real rows' product, so that no drafter value can change a real token.
-        rows = []
-        if n:
-            rows.append(F.scaled_dot_product_attention(q[:, :, :n], ck, cv, enable_gqa=gqa,
-                                                       attn_mask=mask[:, :n, :kv_len].unsqueeze(1)))
+        rows = [self.attend(q[:, :, :n], ck, cv, mask[:, :n, :kv_len])] if n else []
         if n < T:  # the ephemeral rows read the cache and the ephemeral tokens
             k = torch.cat([ck, k[:, :, n:]], dim=2)            # (B, n_kv, kv_len + T - n, hd)
             v = torch.cat([cv, v[:, :, n:]], dim=2)
-            rows.append(F.scaled_dot_product_attention(q[:, :, n:], k, v, enable_gqa=gqa,
-                                                       attn_mask=mask[:, n:].unsqueeze(1)))
+            rows.append(self.attend(q[:, :, n:], k, v, mask[:, n:]))
         y = torch.cat(rows, dim=2) if len(rows) > 1 else rows[0]  # (B, nh, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))    # (B, T, dim)
 

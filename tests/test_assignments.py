@@ -24,9 +24,9 @@ PLANTED = {
          "q, k = apply_rope(q, cos, sin), k", "RoPE on the queries only"),
         ("model.py", "        self.v[:, :, :, dst] = self.v[:, :, :, src]\n", "",
          "the cache move copies keys but not values"),
-        ("model.py", "y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1),\n"
-                     "                                           enable_gqa=self.n_kv != self.n_heads)",
-         "g = self.n_heads // self.n_kv\n        y = F.scaled_dot_product_attention("
+        ("model.py", "return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1),\n"
+                     "                                              enable_gqa=self.n_kv != self.n_heads)",
+         "g = self.n_heads // self.n_kv\n        return F.scaled_dot_product_attention("
          "q, k.repeat(1, g, 1, 1), v.repeat(1, g, 1, 1), attn_mask=mask.unsqueeze(1))",
          "kv heads tiled with repeat instead of repeat_interleave"),
         ("model.py", "self.k[layer][:, :, slots] = k\n        self.v[layer][:, :, slots] = v",

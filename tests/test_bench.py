@@ -11,7 +11,7 @@ import torch
 import bench
 from checkpoint import save_checkpoint
 from conftest import FakeTokenizer, perturb, tiny
-from generate import Generation
+from generate import Generation, Sampler
 from tools import latency
 from tools.latency import latency_curve, latency_report, paired_times, pass_latency, step_latency
 from medusa import Medusa
@@ -271,3 +271,38 @@ def test_mismatches_are_classified_by_plain_decodings_top2_gap(monkeypatch, mode
     assert x["position"] == 2 and x["class"] == expected and x["threshold"] == 2e-4
     assert (x["gap"] == 0.0) if expected == "near-tie" else x["gap"] > 2e-4
     assert f"{expected}, plain decoding's top-2 logit gap" in bench.report(results)
+
+
+class TiedScores(Transformer):
+    """Sampling at temperature T: every token's logit is -T x the Gumbel noise of the third draw
+    (generate.Sampler), so at token 2 every score log p + g ties: any rounding could pick another."""
+
+    def head(self, h):
+        sampler = Sampler(SAMPLED_T, seed=4)
+        for _ in range(3):
+            g = sampler.draw(self.args.vocab_size)
+        return super().head(h) * 0 + (-SAMPLED_T * g).float()
+
+
+SAMPLED_T = 1.5
+
+
+@pytest.mark.parametrize("model, expected", [(TiedScores(ModelArgs.tiny()).eval(), "near-tie"),
+                                             (tiny(), "divergence")], ids=["tie", "divergence"])
+def test_sampled_mismatches_are_classified_by_the_top2_gap_of_the_sampled_scores(monkeypatch, model, expected):
+    """A sampled token is the argmax of log p + g: a near-tie of those scores is rounding, whatever
+    the logits' own top-2 gap (here every logit differs from the next by about T x 1)."""
+    real_one = bench._one
+
+    def forced(model, method, prompt, *args):
+        out = real_one(model, None, prompt, *args)
+        if method is not None:
+            out.tokens[2] = (out.tokens[2] + 1) % 90
+        return out
+    monkeypatch.setattr(bench, "_one", forced)
+    results = bench.run_bench(model, FakeTokenizer(), {"plain": None, "transfer": (HiddenTransfer(64, 3, 2), chain(3))},
+                              PROMPTS[1:2], 8, SAMPLED_T, 1.0, 4)
+    [x] = results["mismatches"]
+    assert x["position"] == 2 and x["class"] == expected and x["threshold"] == pytest.approx(2e-4 / SAMPLED_T)
+    assert (x["gap"] < 1e-5) if expected == "near-tie" else x["gap"] > 2e-4 / SAMPLED_T
+    assert f"{expected}, plain decoding's top-2 sampled scores' (log p + Gumbel noise) gap" in bench.report(results)
