@@ -190,6 +190,9 @@ def fit_context(model: Transformer, prompt: list, max_new_tokens: int, tree_size
     config or GGUF metadata): prompt + max_new_tokens (+ a token tree's nodes) must fit in it, or
     the model would run at positions it never saw. Too long raises a ValueError that gives the
     numbers and the fix; truncate="left" instead keeps only the prompt's last tokens that fit."""
+    if not len(prompt):  # nothing to condition on: the first pass would have no token at all
+        raise ValueError("the prompt has no tokens: give --prompt some text (with --template raw nothing "
+                         "is added around it)")
     ctx, need = model.args.max_seq_len, len(prompt) + max_new_tokens + tree_size
     if need <= ctx:
         return prompt
@@ -211,6 +214,10 @@ def fit_context(model: Transformer, prompt: list, max_new_tokens: int, tree_size
 def encode_prompt(args, model, tok, tree_size: int = 0) -> list:
     """--prompt, chat-formatted and checked by fit_context: a prompt that does not fit in the
     model's context is one line and exit 1, or with --truncate left loses its first tokens."""
+    try:
+        args.prompt.encode("utf-8")  # bytes that are not UTF-8 reach Python as lone surrogates
+    except UnicodeEncodeError:
+        sys.exit("error: --prompt is not valid UTF-8 text: set the terminal (or the file it comes from) to UTF-8")
     prompt, _ = tok.encode_chat([{"role": "user", "content": args.prompt}])
     try:
         fitted = fit_context(model, prompt, args.max_new_tokens, tree_size, args.truncate)

@@ -331,7 +331,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from generate import int_range, run_main
+    from cli import int_range, run_main
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sharegpt", default=None, help="ShareGPT json or jsonl (default: the installed one)")
     p.add_argument("--mtbench", default=None, help="MT-Bench question.jsonl (default: the installed one)")

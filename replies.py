@@ -90,15 +90,39 @@ def reply_key(model_identity: dict, data: str, settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _record_problem(record) -> str | None:
+    """Why a parsed line is not a reply record {"index", "prompt", "reply", "sampled"}, or None."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    missing = [k for k in ("index", "prompt", "reply", "sampled") if k not in record]
+    if missing:
+        return f"no {', '.join(missing)}"
+    if type(record["index"]) is not int or record["index"] < 0:
+        return f"index {record['index']!r} is not a non-negative integer"
+    for k in ("prompt", "reply"):
+        if not isinstance(record[k], list) or not all(type(t) is int and t >= 0 for t in record[k]):
+            return f"{k} is not a list of token ids"
+    return None
+
+
 def read_done(path: str) -> dict:
-    """{conversation index: record} of the complete lines in a (possibly interrupted) replies file."""
+    """{conversation index: record} of the complete lines in a (possibly interrupted) replies file.
+    A complete line that is not a record is a ValueError naming the file and the line."""
     done = {}
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.endswith("\n"):  # a line cut by an interrupt is dropped and made again
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.endswith("\n"):  # a line cut by an interrupt is dropped and made again
+                    continue
+                try:
                     record = json.loads(line)
-                    done[record["index"]] = record
+                except ValueError:
+                    record = line.strip()[:40]
+                why = _record_problem(record)
+                if why:
+                    raise ValueError(f"{path}, line {n}: not a reply record ({why}); delete the file "
+                                     "and its replies are made again")
+                done[record["index"]] = record
     return done
 
 

@@ -164,9 +164,12 @@ def _make_args(where, **fields) -> ModelArgs:
 def _read_json(file):
     try:
         with open(file) as f:
-            return json.load(f)
+            obj = json.load(f)
     except (OSError, ValueError) as e:
         raise WeightsError(f"{file}: cannot read it as JSON: {e}") from e
+    if isinstance(obj, dict):  # every file read here is one JSON object
+        return obj
+    raise WeightsError(f"{file}: holds a JSON {type(obj).__name__}, not an object {{...}}")
 
 
 # ----------------------------------------------------------------------------- GGUF (llama.cpp)

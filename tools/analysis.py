@@ -37,16 +37,22 @@ def retime_plan(model, path, sizes):
     drafter = build_drafter(ckpt, path, model)
     if ckpt.get("accept_rates") is None:
         raise ValueError(f"{path} has no measured acceptance rates: let its train.py run finish")
+    summary = os.path.splitext(path)[0] + ".json"  # train.py's summary beside it, for tools/results.py
+    fields = None
+    if os.path.exists(summary):  # read first: a bad summary must not leave the checkpoint rewritten alone
+        with open(summary) as f:
+            fields = json.load(f)  # a malformed file: ValueError, one line
+        if not isinstance(fields, dict):
+            raise ValueError(f"{summary} holds a JSON {type(fields).__name__}, not train.py's summary; "
+                             "move it away and rerun")
     kernels.apply(drafter)  # time the passes as decoding will run them
     plan, table = select_plan(model, drafter, ckpt["accept_rates"], [n for n in sizes if n >= 2])
     ckpt.update(**plan.fields(), plan_table=table)
-    save_checkpoint(path, drafter, model,
-                    {k: v for k, v in ckpt.items() if k not in ("kind", "config", "identity", "state_dict")})
-    summary = os.path.splitext(path)[0] + ".json"  # train.py's summary beside it, for tools/results.py
-    if os.path.exists(summary):
-        with open(summary) as f:
-            save_atomic(summary, {**json.load(f), **plan.fields(), "plan_table": table,
-                                  "machine": describe_machine(model.output.weight.device)})
+    save_checkpoint(path, drafter, model, {k: v for k, v in ckpt.items()
+                                           if k not in ("kind", "config", "identity", "state_dict", "checksum")})
+    if fields is not None:
+        save_atomic(summary, {**fields, **plan.fields(), "plan_table": table,
+                              "machine": describe_machine(model.output.weight.device)})
     print(f"saved the plan in {path}")
 
 
@@ -139,6 +145,10 @@ def main(argv=None):
     train_args = train.parse_args(rest)
     check_common_args(train_args)
     model, tok = load(train_args)
+    L = model.args.n_layers
+    if args.sweep_layers and max(args.sweep_layers) >= L:
+        sys.exit(f"error: --sweep-layers {max(args.sweep_layers)}: a transfer layer must be from 1 to {L - 1} "
+                 f"for this {L}-layer model")
     try:
         if args.select_tree:
             retime_plan(model, train_args.drafter_checkpoint, train_args.tree_sizes)

@@ -23,7 +23,7 @@ if os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):  
 
 import torch
 
-from cli import HelpFormatter, float_range
+from cli import HelpFormatter, float_range, int_range
 from generate import Sampler, generate
 from model import ModelArgs, Transformer
 from plan import Plan
@@ -139,7 +139,7 @@ def parse_args(argv=None):
                    help="MT-Bench question.jsonl for bench.py (default: bench.py's, the installed one)")
     p.add_argument("--full", action="store_true",
                    help="with --device cpu: real sizes (SmolLM2 only: a 7B model needs 27 GB in fp32), inductor")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int_range(1, 1024), default=None, help="CPU threads (default: torch's)")
     p.add_argument("--skip", default="", help="comma list of sections to skip: tests,latency,plain,train,bench (default: none)")
     p.add_argument("--budget", type=float_range(0), default=480,
                    help="seconds for the whole check: a section is not started with under 15 s left (it is "
@@ -149,7 +149,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    dev = torch.device(args.device)
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        sys.exit(f"error: --device {args.device!r} is not a device: cuda, cuda:N or cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA GPU here: use --device cpu for a dry run")
     dry, skip = dev.type == "cpu" and not args.full, set(filter(None, args.skip.split(",")))

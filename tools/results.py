@@ -27,10 +27,17 @@ FIGURES = "figures"  # beside the markdown
 
 
 def read(path):
-    if path and os.path.exists(path):
+    """The JSON object in path, None if there is no such file; anything else is one line, exit 1."""
+    if not path or not os.path.exists(path):
+        return None
+    try:
         with open(path) as f:
-            return json.load(f)
-    return None
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        sys.exit(f"error: {path} is not a readable JSON file: {e}")
+    if not isinstance(obj, dict):
+        sys.exit(f"error: {path} holds a JSON {type(obj).__name__}, not the object its command saves")
+    return obj
 
 
 def commit() -> str:
@@ -243,7 +250,13 @@ def main(argv=None):
     p.add_argument("--latency", default="runs/latency.json", help="bench.py --latency's results")
     p.add_argument("--hf", default="runs/hf_baseline.json", help="tools/hf_baseline.py's results")
     p.add_argument("--out", default="docs/RESULTS.md", help="the markdown written (figures beside it)")
-    return write(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        return write(args)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:  # a file of another shape
+        given = [f for f in [*args.train, *args.bench, args.latency, args.hf] if f and os.path.exists(f)]
+        sys.exit(f"error: one of {', '.join(given)} lacks what its section needs ({type(e).__name__}: {e}): "
+                 "write it again with the command that makes it")
 
 
 if __name__ == "__main__":
