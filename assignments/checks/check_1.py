@@ -155,11 +155,11 @@ def check_a_batch_with_a_mask_per_row():
 
 
 @check("move copies keys AND values, in every layer and head, from slots src to slots dst "
-       "(gather the sources before writing: they may overlap the destinations)")
+       "(gather the sources before writing: they may overlap the destinations, below or above them)")
 def check_kv_cache_move():
     from model import KVCache
     model = tiny_model(7)
-    for src, dst in [([5, 7, 9], [2, 3, 4]), ([3, 4, 6, 8], [3, 4, 5, 6]), ([1], [1])]:
+    for src, dst in [([5, 7, 9], [2, 3, 4]), ([3, 4, 6, 8], [3, 4, 5, 6]), ([1], [1]), ([2, 3, 4], [3, 4, 5])]:
         cache = KVCache(model.args, 2, 12)
         cache.k.normal_(generator=torch.Generator().manual_seed(1))
         cache.v.normal_(generator=torch.Generator().manual_seed(2))

@@ -148,6 +148,27 @@ def check_cache_holds_the_nodes_only():
            "(pseudo tokens must never be cached)")
 
 
+@check("tree_pass takes every mask's cache columns from cache.attention_mask: compiled decoding "
+       "(tools/compiled.py) passes a StaticCache and n as a 0-d tensor, and compiles the pass in one graph "
+       "(fullgraph), which a mask built by hand from n cannot be")
+def check_tree_pass_in_the_compiled_form():
+    import torch._dynamo
+    from tools.compiled import Compiled
+    model, tree, ctx, tokens, cache, ht = setup(7, n=5)
+    n, nodes, pos = len(ctx), torch.tensor([0, 2]), len(ctx) + tree.depths
+    with torch.no_grad():
+        want = ht.tree_pass(model, tokens, pos, tree.mask, n, cache, nodes, 2)
+        compiled = Compiled(model, ht, backend="aot_eager")
+        static = compiled.cache(40)
+        model(torch.tensor([ctx]), torch.arange(n), causal(n)[None], torch.arange(n), static)
+        try:
+            got = compiled.tree_pass(model, tokens, pos, tree.mask, n, static, nodes, 2)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            raise AssertionError(f"tree_pass does not compile with n a tensor: {str(e).splitlines()[0]}")
+    close(got[0], want[0], "compiled nodes' states")
+    close(got[1], want[1], "compiled pseudo states")
+
+
 @check("real tokens never see pseudo tokens, so their states cannot depend on the projection W")
 def check_real_states_ignore_the_projection():
     outs = []

@@ -257,3 +257,55 @@ def check_each_pass_verifies_the_cut_tree():
         expect(out.tokens == ref, f"plan {plan.text()}: differs from plain decoding")
         expect(sizes == [len(prompt)] + want, f"plan {plan.text()}, drafts always right: nodes per pass "
                f"{sizes[1:]} (after a prefill of {sizes[0]}), expected {want}")
+
+
+@check("next_drafts(run, path, node_drafts) = node_drafts[row, shift:shift + available] for run.source(path); "
+       "an empty (0, V) tensor when there is no source")
+def check_next_drafts_brute_force():
+    import torch
+    from decode import next_drafts
+    g = torch.Generator().manual_seed(0)
+    for seed in range(20):
+        plan = random_plans(seed)
+        node_drafts = torch.randn(len(plan.nodes), plan.depth, 11, generator=g)
+        for v in range(plan.tree.size):
+            path = plan.tree.path_to(v)
+            row, shift, avail = reach_source(plan, path)
+            want = node_drafts[row, shift:shift + avail] if avail else torch.zeros(0, 11)
+            got = next_drafts(plan, path, node_drafts)
+            expect(tuple(got.shape) == tuple(want.shape) and torch.equal(got, want),
+                   f"next_drafts({path}) for {plan.text()}: shape {tuple(got.shape)}, expected {tuple(want.shape)} "
+                   f"(rows {row}, shift {shift}, {avail} available)")
+
+
+class Watched:
+    """A stand-in for tools/compiled.Compiled: eager, but it records which passes went through it."""
+
+    def __init__(self, model, drafter):
+        self.model, self.drafter, self.caches, self.passes = model, drafter, [], 0
+
+    def cache(self, length):
+        from model import KVCache
+        self.caches.append(length)
+        return KVCache(self.model.args, 1, length)
+
+    def tree_pass(self, model, *args, **kwargs):
+        self.passes += 1
+        return self.drafter.tree_pass(model, *args, **kwargs)
+
+
+@check("generate_tree(..., compiled=c) takes its cache from c.cache(length) and runs every step after "
+       "the prefill through c.tree_pass (the prefill stays eager), so that --compile times compiled steps")
+def check_compiled_steps_run_through_compiled():
+    from decode import generate_tree
+    from generate import Sampler, generate
+    from tree import Tree
+    model, prompt = tiny_model(3), [4, 8, 15, 16, 23, 42]
+    ref = generate(model, prompt, 20, Sampler()).tokens
+    drafter = random_transfer(model, 2)
+    watched = Watched(model, drafter)
+    out = generate_tree(model, drafter, prompt, Tree(TREES[1], k=3), 20, Sampler(), compiled=watched)
+    expect(out.tokens == ref, "with compiled=: differs from plain decoding")
+    expect(len(watched.caches) == 1, f"compiled.cache was called {len(watched.caches)} times, expected once")
+    expect(watched.passes == out.passes, f"{watched.passes} of the {out.passes} steps ran through "
+           "compiled.tree_pass; every step after the prefill must")
