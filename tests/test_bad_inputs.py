@@ -20,7 +20,7 @@ import replies
 from checkpoint import save_checkpoint
 from test_checkpoint import model_dir  # noqa: F401  (the fixture)
 from test_cli import fake_sharegpt, read_until, script
-from tools import analysis, gpu_check, results
+from tools import analysis, gpu_check, hf_baseline, results
 from transfer import HiddenTransfer
 from weights import load_model
 
@@ -81,6 +81,11 @@ CASES = {
                                                                   "{tmp}/sel.pt"], "not train.py's summary"),
     "gpu_check.py --device nonsense": (gpu_check.main, ["{tmp}/gc", "--device", "nonsense"],
                                        "--device 'nonsense' is not a device"),
+    "gpu_check.py, its folder a file": (gpu_check.main, ["{tmp}/afile", "--device", "cpu"],
+                                        "is a file: name a folder for the results"),
+    "results.py --out a directory": (results.main, ["--out", "{tmp}"], "is a directory: name a file"),
+    "hf_baseline.py --out not .json": (hf_baseline.main, ["--out", "{tmp}/h.txt", "--device", "cpu"],
+                                       "the file is written as JSON, so its name must end in .json"),
 }
 TAKES_MODEL = {generate.main, decode.main, bench.main, analysis.main}
 

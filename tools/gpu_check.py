@@ -156,6 +156,8 @@ def main(argv=None):
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA GPU here: use --device cpu for a dry run")
     dry, skip = dev.type == "cpu" and not args.full, set(filter(None, args.skip.split(",")))
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        sys.exit(f"error: {args.out} is a file: name a folder for the results (it is made if missing)")
     os.makedirs(args.out, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -19,8 +19,8 @@ if os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):  
 
 import torch
 
-from cli import (HelpFormatter, add_common_args, check_common_args, describe_machine, encode_prompt, int_range,
-                 load, run_main)
+from cli import (HelpFormatter, add_common_args, check_common_args, check_writable, describe_machine, encode_prompt,
+                 int_range, load, run_main)
 from checkpoint import save_atomic
 from generate import Sampler, generate
 from weights import default_model_path
@@ -35,6 +35,7 @@ def main(argv=None):
                         "(tools/results.py reads them)")
     args = parser.parse_args(argv)
     check_common_args(args)
+    check_writable(args.out, "--out", ".json")  # now, not after the timings
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:

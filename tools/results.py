@@ -21,7 +21,7 @@ import sys
 if os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):  # `python tools/x.py`:
     sys.path[0] = os.path.dirname(os.path.abspath(sys.path[0]))  # the root (as tools.x: nothing to do)
 
-from cli import HelpFormatter, run_main
+from cli import HelpFormatter, check_writable, run_main
 
 FIGURES = "figures"  # beside the markdown
 
@@ -251,6 +251,7 @@ def main(argv=None):
     p.add_argument("--hf", default="runs/hf_baseline.json", help="tools/hf_baseline.py's results")
     p.add_argument("--out", default="docs/RESULTS.md", help="the markdown written (figures beside it)")
     args = p.parse_args(argv)
+    check_writable(args.out, "--out")
     try:
         return write(args)
     except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:  # a file of another shape
