@@ -40,7 +40,16 @@ PLANTED = {
         ("model.py", "        self.k[:, :, :, dst] = self.k[:, :, :, src]\n        self.v[:, :, :, dst] = self.v[:, :, :, src]\n",
          "        for s, d in zip(src.tolist(), dst.tolist()):\n            self.k[:, :, :, d] = self.k[:, :, :, s]\n"
          "            self.v[:, :, :, d] = self.v[:, :, :, s]\n",
-         "the cache move copied slot by slot, upward moves overwriting their own sources")],
+         "the cache move copied slot by slot, upward moves overwriting their own sources"),
+        ("model.py", "        rows = [self.attend(q[:, :, :n], ck, cv, mask[:, :n, :kv_len])] if n else []\n"
+                     "        if n < T:  # the ephemeral rows read the cache and the ephemeral tokens\n"
+                     "            k = torch.cat([ck, k[:, :, n:]], dim=2)            # (B, n_kv, kv_len + T - n, hd)\n"
+                     "            v = torch.cat([cv, v[:, :, n:]], dim=2)\n"
+                     "            rows.append(self.attend(q[:, :, n:], k, v, mask[:, n:]))\n"
+                     "        y = torch.cat(rows, dim=2) if len(rows) > 1 else rows[0]  # (B, nh, T, hd)\n",
+         "        k = torch.cat([ck, k[:, :, n:]], dim=2)\n        v = torch.cat([cv, v[:, :, n:]], dim=2)\n"
+         "        y = self.attend(q, k, v, mask)\n",
+         "every row attends over cache + ephemeral columns: a masked NaN reaches the stored rows")],
     2: [("tree.py", "return n + self.depths", "return n + torch.arange(self.size, device=self.depths.device)",
          "siblings given different positions"),
         ("tree.py", "self.mask[i, self.path_to(i)] = True", "self.mask[i, self.path_to(i)[:-1]] = True",

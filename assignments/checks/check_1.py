@@ -170,3 +170,34 @@ def check_kv_cache_move():
             want_k[:, :, :, d], want_v[:, :, :, d] = k0[:, :, :, s], v0[:, :, :, s]
         expect(torch.equal(cache.k, want_k), f"keys after move({src} -> {dst}) are wrong")
         expect(torch.equal(cache.v, want_v), f"values after move({src} -> {dst}) are wrong")
+
+
+@check("the stored tokens' rows read only the cache columns, never the ephemeral tokens' K/V: a masked "
+       "column still enters the attention product as 0 x value, and 0 x NaN is NaN, so a NaN or inf in an "
+       "ephemeral token (a drafter's pseudo token) would reach a real token")
+def check_stored_rows_ignore_ephemeral_values():
+    from model import KVCache
+    model = tiny_model(3)
+    attention, dim = model.layers[0].attention, model.args.dim
+    ctx, n, e = 4, 3, 2                                       # cached, stored now, ephemeral
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, n + e, dim, generator=g)
+    pos, slots = torch.arange(ctx, ctx + n + e), torch.arange(ctx, ctx + n)
+    cos, sin = model.rope(pos, x.dtype)
+    mask = torch.zeros(n + e, ctx + n + e, dtype=torch.bool)  # columns: cache (ctx + n) | ephemeral (e)
+    mask[:, :ctx] = True
+    mask[:n, ctx:ctx + n] = torch.ones(n, n, dtype=torch.bool).tril()
+    mask[n:, ctx:] = True
+    outs = []
+    for poison in (None, float("nan"), float("inf")):
+        cache = KVCache(model.args, 1, 16)
+        cache.k.normal_(generator=torch.Generator().manual_seed(1))
+        cache.v.normal_(generator=torch.Generator().manual_seed(2))
+        xp = x.clone()
+        if poison is not None:
+            xp[:, n:] = poison
+        with torch.no_grad():
+            outs.append(attention(xp, cos, sin, mask[None], slots, cache)[0, :n])
+    expect(bool(torch.isfinite(outs[0]).all()), "the stored rows are not finite with finite inputs")
+    for y, what in zip(outs[1:], ("NaN", "inf")):
+        expect(torch.equal(y, outs[0]), f"the stored rows changed when the ephemeral tokens were {what}")
