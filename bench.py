@@ -11,6 +11,7 @@ size (tools/latency.py). Last in the reading order: it times decode.py with trai
     python bench.py --latency
 """
 
+import startup  # noqa: F401  (first: Ctrl-C while Python imports is one line, not a traceback)
 import argparse
 import os
 import statistics

@@ -156,6 +156,7 @@ def run_main(main):
     shell expects of an interrupted command, so `python train.py && python bench.py` stops there.
     SIGTERM is handled the same way (exit 143). (train.py saves its checkpoint first, then lets the
     interrupt through.)"""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # startup.py's, while importing, is done
     signal.signal(signal.SIGTERM, _terminate)
     try:
         main()

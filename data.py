@@ -6,6 +6,7 @@ cuts them (or any sequences with an assistant mask: replies.py's) into fixed-len
 shuffled batches. (tokenizer.py's encode_chat builds the mask.) Read next: replies.py.
 """
 
+import startup  # noqa: F401  (first: Ctrl-C while Python imports is one line, not a traceback)
 import argparse
 import importlib.metadata
 import json

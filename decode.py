@@ -11,6 +11,7 @@ only how drafts are made differs. Read next: medusa.py, the baseline drafter.
     python decode.py --drafter medusa           # checkpoints/medusa.pt, from train.py --drafter medusa
 """
 
+import startup  # noqa: F401  (first: Ctrl-C while Python imports is one line, not a traceback)
 import argparse
 import sys
 import time

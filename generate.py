@@ -6,6 +6,7 @@ exactly one draw per emitted token (what keeps seeded Hidden Transfer sampling l
     python generate.py --prompt "What is the capital of France? Answer in one sentence."
 """
 
+import startup  # noqa: F401  (first: Ctrl-C while Python imports is one line, not a traceback)
 import argparse
 import math
 import time

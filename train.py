@@ -12,6 +12,7 @@ metrics (evaluate.py) and the plan choice (tools/plan_search.py). Read next: ben
     python train.py --drafter medusa    # the Medusa-1 baseline: same data, targets and budget
 """
 
+import startup  # noqa: F401  (first: Ctrl-C while Python imports is one line, not a traceback)
 import argparse
 import math
 import os

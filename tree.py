@@ -8,6 +8,7 @@ causal window). Pure tensor code, no model. Which tree is worth verifying is too
 question. Run `python tree.py --pseudo` to see a tree and its masks. Read next: drafter.py.
 """
 
+import startup  # noqa: F401  (first: Ctrl-C while Python imports is one line, not a traceback)
 import argparse
 import copy
 import operator

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -177,3 +178,24 @@ def test_sigterm_and_a_double_ctrl_c_save_and_exit_in_one_line(signals, code, sa
     assert p.returncode == code and "Traceback" not in seen + err, seen + err
     assert err.strip().splitlines()[-1] == said and "to continue, add --resume" in stdout
     assert torch.load(out, weights_only=True)["step"] >= 1
+
+
+def mapped(p, name) -> bool:
+    try:
+        with open(f"/proc/{p.pid}/maps") as f:
+            return name in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc to see the import")
+def test_ctrl_c_while_python_imports_torch_is_one_line():
+    """Ctrl-C as soon as torch's library is mapped: Python is still importing torch (a second or
+    more), long before any script code runs (startup.py, imported first, answers it)."""
+    p = script("generate.py", "--max-new-tokens", "2", "--threads", "1", "--device", "cpu")
+    while p.poll() is None and not mapped(p, "libtorch"):
+        time.sleep(0.001)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines() == ["interrupted (Ctrl-C)"]

@@ -17,6 +17,8 @@ import sys
 if os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):  # `python tools/x.py`:
     sys.path[0] = os.path.dirname(os.path.abspath(sys.path[0]))  # the root (as tools.x: nothing to do)
 
+import startup  # noqa: F401  (first: Ctrl-C while Python imports is one line, not a traceback)
+
 import torch
 import torch.nn.functional as F
 

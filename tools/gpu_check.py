@@ -21,9 +21,11 @@ import time
 if os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):  # `python tools/x.py`:
     sys.path[0] = os.path.dirname(os.path.abspath(sys.path[0]))  # the root (as tools.x: nothing to do)
 
+import startup  # noqa: F401  (first: Ctrl-C while Python imports is one line, not a traceback)
+
 import torch
 
-from cli import HelpFormatter, float_range, int_range
+from cli import HelpFormatter, float_range, int_range, run_main
 from generate import Sampler, generate
 from model import ModelArgs, Transformer
 from plan import Plan
@@ -296,4 +298,4 @@ def markdown(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
