@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from checkpoint import build_drafter, open_checkpoint, save_atomic, save_checkpoint
+from checkpoint import build_drafter, open_checkpoint, save_atomic, save_checkpoint, verify_checksum
 from cli import HelpFormatter, check_common_args, describe_machine, int_range, list_of, load, run_main
 from evaluate import fixed_positions, format_all
 from model import KVCache, causal_mask
@@ -37,6 +37,7 @@ def retime_plan(model, path, sizes):
     """Choose the checkpoint's plan again from its stored acceptance rates, with this machine's timings."""
     ckpt = open_checkpoint(path)
     drafter = build_drafter(ckpt, path, model)
+    verify_checksum(ckpt, path)  # never re-sign a damaged or edited file
     if ckpt.get("accept_rates") is None:
         raise ValueError(f"{path} has no measured acceptance rates: let its train.py run finish")
     summary = os.path.splitext(path)[0] + ".json"  # train.py's summary beside it, for tools/results.py
