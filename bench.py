@@ -21,7 +21,8 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from checkpoint import DRAFTERS, default_checkpoint, load_drafter, open_checkpoint, save_atomic, train_command
+from checkpoint import (DRAFTERS, default_checkpoint, drafter_kind, load_drafter, open_checkpoint, save_atomic,
+                        train_command)
 from cli import (DTYPES, HelpFormatter, add_common_args, check_common_args, describe_machine, fit_context, int_range,
                  load, run_main)
 from data import pick_mtbench, read_mtbench
@@ -231,7 +232,7 @@ def find_checkpoints(args) -> dict:
                  f"checkpoint per drafting method")
         found[ckpt["kind"]] = (path, ckpt)
     for kind in [m for m in args.methods if m != "plain" and m not in found]:
-        path = default_checkpoint(kind)
+        path = default_checkpoint(kind, args.model)
         if os.path.exists(path):
             found[kind] = (path, open_checkpoint(path, kind))
         elif kind != "transfer" and not args.methods_given:
@@ -266,8 +267,9 @@ def parse_args(argv=None):
     add_common_args(p)  # its --prompt is not used: the prompts are MT-Bench's
     p.set_defaults(max_new_tokens=MAX_NEW_TOKENS)
     p.add_argument("--methods", default=None,
-                   help=f"comma list from plain, {', '.join(DRAFTERS)}; plain is required (default: "
-                        f"{METHODS}, skipping medusa with a note if its checkpoint is missing)")
+                   help=f"comma list of plain and drafters: {', '.join(DRAFTERS)}, or your own as FILE.py:Class "
+                        f"or module:Class; plain is required (default: {METHODS}, skipping medusa with a note if "
+                        "its checkpoint is missing)")
     p.add_argument("--prompts", type=int_range(1), default=PROMPTS,
                    help="MT-Bench questions, taken round-robin over the categories")
     p.add_argument("--full", action="store_true", help="all 80 MT-Bench questions (overrides --prompts)")
@@ -288,10 +290,13 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results.json", help="where the results are saved as JSON")
     args = p.parse_args(argv)
     args.methods_given = args.methods is not None
-    args.methods = [m.strip() for m in (args.methods or METHODS).split(",") if m.strip()]
-    known = ["plain", *DRAFTERS]
-    if not set(args.methods) <= set(known) or len(set(args.methods)) != len(args.methods):
-        p.error(f"--methods {','.join(args.methods)}: list each of {', '.join(known)} at most once")
+    try:  # a kind, or FILE.py:Class / module:Class, imported here (checkpoint.drafter_kind)
+        args.methods = [m if m == "plain" else drafter_kind(m)
+                        for m in (x.strip() for x in (args.methods or METHODS).split(",")) if m]
+    except ValueError as e:
+        p.error(f"--methods: {e}")
+    if len(set(args.methods)) != len(args.methods):
+        p.error(f"--methods {','.join(args.methods)}: list each method at most once")
     if "plain" not in args.methods and not args.latency:
         p.error("--methods must include plain: it is the reference for speedup and losslessness")
     if args.latency and args.methods == ["plain"]:

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from checkpoint import DRAFTERS, load_drafter, open_checkpoint
-from cli import (HelpFormatter, add_common_args, check_common_args, describe_machine, encode_prompt, fit_context,
-                 load, run_main)
+from checkpoint import load_drafter, open_checkpoint
+from cli import (DRAFTER_HELP, HelpFormatter, add_common_args, check_common_args, describe_machine, drafter_spec,
+                 encode_prompt, fit_context, load, run_main)
 from generate import Generation, Sampler, generate, sync
 from model import KVCache
 from plan import Plan
@@ -163,9 +163,8 @@ class Shower:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--drafter", default=None, choices=list(DRAFTERS),
-                        help="the drafter kind (default: whatever the checkpoint holds; transfer when "
-                             "there is none)")
+    parser.add_argument("--drafter", default=None, type=drafter_spec,
+                        help=DRAFTER_HELP + "; default: whatever the checkpoint holds, transfer when there is none")
     parser.add_argument("--drafter-checkpoint", default=None,
                         help="drafter checkpoint from train.py (default: checkpoints/<drafter>.pt; when "
                              "that does not exist yet, an untrained drafter, with a note)")
@@ -187,7 +186,8 @@ def main(argv=None):
         if args.drafter_checkpoint and not args.untrained:
             open_checkpoint(args.drafter_checkpoint, args.drafter)  # a bad file fails before the slow load
         model, tok = load(args)
-        drafter, plan, note = load_drafter(model, args.drafter_checkpoint, args.drafter, args.untrained)
+        drafter, plan, note = load_drafter(model, args.drafter_checkpoint, args.drafter, args.untrained,
+                                           model_name=args.model)
     except ValueError as e:  # checkpoint.CheckpointError: one line naming the file
         sys.exit(f"error: {e}")
     kernels.apply(drafter)

@@ -23,13 +23,14 @@ from tqdm import tqdm
 
 from checkpoint import (DRAFTERS, build_drafter, default_checkpoint, open_checkpoint, save_atomic,
                         save_checkpoint)
-from cli import (HelpFormatter, add_common_args, check_common_args, describe_machine, float_range, int_range, list_of,
-                 load, run_main)
+from cli import (DRAFTER_HELP, HelpFormatter, add_common_args, check_common_args, describe_machine, drafter_spec,
+                 float_range, int_range, list_of, load, run_main)
 from data import batches
 from distill import choose_positions, distill_loss, teacher_logprobs
 from evaluate import evaluate_all, format_all
 from frozen import FrozenPasses, frozen_copy
 from plan import Plan
+import tiny
 from replies import load_windows
 from tools import distributed, kernels
 from tools.plan_search import expected_tokens, select_plan
@@ -184,8 +185,7 @@ PRESETS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_common_args(p)  # --model --device --dtype --seed --threads (and decoding flags, unused here)
-    p.add_argument("--drafter", default="transfer", choices=list(DRAFTERS),
-                   help="transfer: Hidden Transfer projections; medusa: the Medusa-1 baseline heads")
+    p.add_argument("--drafter", default="transfer", type=drafter_spec, help=DRAFTER_HELP)
     # the data (docs/EXPERIMENTS.md: what each lever bought on a 2-core CPU)
     p.add_argument("--data", default="replies", choices=["replies", "sharegpt"],
                    help="replies: the base model's own replies to ShareGPT's first user turns; sharegpt: "
@@ -236,9 +236,10 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default="runs", help="where the replies are cached")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="gpu: a larger recipe for one GPU " + str(PRESETS["gpu"]))
-    p.set_defaults(**PRESETS.get(p.parse_known_args(argv)[0].preset, {}))  # a preset moves the defaults
+    known = p.parse_known_args(argv)[0]  # a preset, or --model tiny, moves the defaults
+    p.set_defaults(**PRESETS.get(known.preset, {}), **(tiny.TRAIN if known.model == tiny.NAME else {}))
     args = p.parse_args(argv)
-    args.drafter_checkpoint = args.drafter_checkpoint or default_checkpoint(args.drafter)
+    args.drafter_checkpoint = args.drafter_checkpoint or default_checkpoint(args.drafter, args.model)
     args.offset_weights = args.offset_weights or [0.5 ** i for i in range(args.k)]  # 1, 0.5, 0.25, ...
     if len(args.offset_weights) != args.k:
         p.error(f"--offset-weights needs {args.k} numbers (one per offset), got {len(args.offset_weights)}")
@@ -251,6 +252,8 @@ def main(argv=None):
     args = parse_args(argv)
     world = distributed.setup(args)  # under torchrun: join the other processes (tools/distributed.py)
     check_common_args(args)
+    if args.model == tiny.NAME and not args.sharegpt:  # the tiny model learns on synthetic conversations
+        args.sharegpt = tiny.conversations_file(args.cache_dir, args.conversations)
     model, tok = load(args)
     try:
         train_windows, held, info = load_windows(args, model, tok)
