@@ -25,6 +25,7 @@ from model import KVCache
 from plan import Plan
 from tools import kernels
 from tools.compiled import compiled_for
+from trace_step import Recorder, report
 from tree import SHAPES, Tree
 
 
@@ -178,10 +179,15 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true",
                         help="also run plain decoding (same prompt, sampler and seed) and say whether the tokens "
                              "are identical, i.e. lossless; it times nothing (python bench.py measures speed)")
+    parser.add_argument("--trace", action="store_true",
+                        help="after the answer, print one decoding step in full: the tree's tokens, the mask, the "
+                             "pseudo tokens' drafts, the acceptance walk, the cache (trace_step.py)")
     parser.add_argument("--show", action="store_true",
                         help="mark every token: a draft the pass accepted, or the model's own; then the "
                              "drafts accepted per pass and tau")
     args = parser.parse_args(argv)
+    if args.trace and getattr(args, "compile", False):
+        parser.error("--trace records eager passes: leave out --compile")
     check_common_args(args)
     try:
         if args.drafter_checkpoint and not args.untrained:
@@ -205,11 +211,15 @@ def main(argv=None):
         stream = tok.stream()
         show = lambda ids: print(stream.push([i for i in ids if i not in tok.stop_ids]), end="", flush=True)
     compiled = compiled_for(args, model, drafter, len(prompt) + args.max_new_tokens, plan)
-    out = generate_tree(model, drafter, prompt, plan, args.max_new_tokens,
-                        Sampler(args.temperature, args.top_p, args.seed), tok.stop_ids, on_token=show,
+    sampler = Sampler(args.temperature, args.top_p, args.seed)
+    recorder = Recorder(drafter, sampler) if args.trace else None  # records each pass, changes nothing
+    out = generate_tree(model, recorder or drafter, prompt, plan, args.max_new_tokens,
+                        recorder.choose if recorder else sampler, tok.stop_ids, on_token=show,
                         compiled=compiled)
     if args.show:
         print(show.summary(out))
+    if recorder:
+        print("\n\n" + report(recorder, plan, lambda i: repr(tok.decode([i], skip_special=False))))
     print(f"\n\n{drafter.title}: {len(out.tokens)} tokens, tau {out.tau:.2f}, "
           f"{out.tokens_per_s:.1f} tokens/s, plan {plan.text()} "
           f"({describe_machine(args.device)}, {args.dtype})")
