@@ -1,8 +1,9 @@
 """The drafter interface: what decoding, training and checkpoints need from a drafter, written once.
 
 transfer.py's HiddenTransfer and medusa.py's Medusa implement it; decode.py, train.py, bench.py and
-the tools only ever call these methods, so a new drafter is one subclass plus one entry in
-checkpoint.DRAFTERS (`checkpoint.register`). tests/test_new_drafter.py adds one from a test file.
+the tools only ever call these methods, so a new drafter is one subclass in a file of your own,
+named on the command line as `--drafter FILE.py:Class` (checkpoint.drafter_kind).
+tests/test_extension.py trains, decodes and benches three that way.
 Read next: transfer.py, the drafter this project is about.
 """
 
