@@ -52,9 +52,12 @@ class FakeTok:
 
 
 def script(name, *argv):
-    """Start `python name argv...` in the repository root, as a user would."""
+    """Start `python name argv...` in the repository root, as a user would at a terminal: with
+    Ctrl-C's default handling, even when these tests run in the background (`nohup ... &`), whose
+    children a shell starts with SIGINT ignored."""
     return subprocess.Popen([sys.executable, os.path.join(ROOT, name), *argv], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def exits(capsys, fn, *argv, code=1) -> str:
