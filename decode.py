@@ -137,7 +137,7 @@ def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_token
 
 # ----------------------------------------------------------------------------- seeing it work
 
-class Shower:
+class DraftMarker:
     """`--show`: the tokens of each pass as on_token receives them, the accepted drafts marked: green
     on a terminal, in [brackets] when piped. Stop tokens are not shown."""
 
@@ -206,7 +206,7 @@ def main(argv=None):
             sys.exit(f"error: --tree: {e}")
     prompt = encode_prompt(args, model, tok, plan.tree.size)
     if args.show:
-        show = Shower(tok, color=sys.stdout.isatty())
+        show = DraftMarker(tok, color=sys.stdout.isatty())
     else:
         stream = tok.stream()
         show = lambda ids: print(stream.push([i for i in ids if i not in tok.stop_ids]), end="", flush=True)
