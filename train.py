@@ -15,13 +15,14 @@ metrics (evaluate.py) and the plan choice (tools/plan_search.py). Read next: ben
 import argparse
 import math
 import os
+import shlex
 import sys
 import time
 
 import torch
 from tqdm import tqdm
 
-from checkpoint import (DRAFTERS, build_drafter, default_checkpoint, open_checkpoint, save_atomic,
+from checkpoint import (DRAFTERS, SOURCES, build_drafter, default_checkpoint, open_checkpoint, save_atomic,
                         save_checkpoint)
 from cli import (DRAFTER_HELP, HelpFormatter, add_common_args, check_common_args, describe_machine, drafter_spec,
                  float_range, int_range, list_of, load, run_main)
@@ -168,7 +169,9 @@ def run(args, model, train_windows, held: dict, frozen_model=None, world=(0, 1),
     print(f"\n{args.drafter}: {step} steps; this run trained {train_s / 60:.1f} min "
           f"({train_s / max(1, step - first):.2f} s/step); loss {sum(last) / len(last):.3f} (mean of the "
           f"last {len(last)} steps); plan {plan.text()}, expected tau {expected_tokens(plan, accept)[0]:.2f}")
-    print(f"saved {out_path}; try it: python decode.py --drafter-checkpoint {out_path} --show")
+    again = "".join(f" {flag} {shlex.quote(value)}" for flag, value in  # what this run was told to load
+                    (("--model", args.model), ("--drafter", SOURCES.get(args.drafter))) if value)
+    print(f"saved {out_path}; try it: python decode.py{again} --drafter-checkpoint {out_path} --show")
     return out
 
 
