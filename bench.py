@@ -21,10 +21,9 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from checkpoint import (DRAFTERS, default_checkpoint, drafter_kind, load_drafter, open_checkpoint, save_atomic,
-                        train_command)
-from cli import (DTYPES, HelpFormatter, add_common_args, check_common_args, describe_machine, fit_context, int_range,
-                 load, run_main)
+from checkpoint import DRAFTERS, default_checkpoint, load_drafter, open_checkpoint, save_atomic, train_command
+from cli import (DTYPES, HelpFormatter, add_common_args, check_common_args, describe_machine, drafter_spec,
+                 fit_context, int_range, list_of, load, run_main)
 from data import pick_mtbench, read_mtbench
 from decode import generate_tree
 from generate import Generation, Sampler, generate
@@ -266,7 +265,7 @@ def parse_args(argv=None):
                                 formatter_class=HelpFormatter)
     add_common_args(p)  # its --prompt is not used: the prompts are MT-Bench's
     p.set_defaults(max_new_tokens=MAX_NEW_TOKENS)
-    p.add_argument("--methods", default=None,
+    p.add_argument("--methods", default=None, type=list_of(lambda m: m if m == "plain" else drafter_spec(m)),
                    help=f"comma list of plain and drafters: {', '.join(DRAFTERS)}, or your own as FILE.py:Class "
                         f"or module:Class; plain is required (default: {METHODS}, skipping medusa with a note if "
                         "its checkpoint is missing)")
@@ -290,11 +289,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results.json", help="where the results are saved as JSON")
     args = p.parse_args(argv)
     args.methods_given = args.methods is not None
-    try:  # a kind, or FILE.py:Class / module:Class, imported here (checkpoint.drafter_kind)
-        args.methods = [m if m == "plain" else drafter_kind(m)
-                        for m in (x.strip() for x in (args.methods or METHODS).split(",")) if m]
-    except ValueError as e:
-        p.error(f"--methods: {e}")
+    args.methods = args.methods or METHODS.split(",")
     if len(set(args.methods)) != len(args.methods):
         p.error(f"--methods {','.join(args.methods)}: list each method at most once")
     if "plain" not in args.methods and not args.latency:
