@@ -73,6 +73,8 @@ def drafter_kind(spec: str) -> str:
     cls = getattr(module, name, None)
     if not (isinstance(cls, type) and issubclass(cls, Drafter)):
         raise ValueError(f"drafter {spec}: {where} has no class {name} that subclasses drafter.Drafter")
+    if DRAFTERS.get(cls.__dict__.get("kind")) is cls and cls.kind not in SOURCES:  # a project drafter, e.g.
+        return cls.kind                                                           # transfer:HiddenTransfer
     cls.kind = cls.__dict__.get("kind") or name.lower()  # an inherited kind ("transfer") is not its own
     cls.title = cls.__dict__.get("title") or name
     if cls.kind in DRAFTERS and DRAFTERS[cls.kind] is not cls:
@@ -96,10 +98,12 @@ def _import(where: str, spec: str):
     except Exception as e:  # the learner's own file: say what failed, and where
         if isinstance(e, SyntaxError):
             place = f" ({e.filename}, line {e.lineno})"
-        else:
-            tb, place = e.__traceback__, ""
+        else:  # the deepest line of the named file, else the deepest line of all
+            tb, place, own = e.__traceback__, "", os.path.abspath(os.path.expanduser(where))
             while tb:
-                place = f" ({tb.tb_frame.f_code.co_filename}, line {tb.tb_lineno})"
+                file = tb.tb_frame.f_code.co_filename
+                if file == own or not place.startswith(f" ({own},"):
+                    place = f" ({file}, line {tb.tb_lineno})"
                 tb = tb.tb_next
         raise ValueError(f"drafter {spec}: importing {where} failed: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}{place}") from None

@@ -220,6 +220,7 @@ def test_a_drafter_in_a_file_outside_the_repository_trains_decodes_and_benches(t
     ("class Mine:\n    pass\n", "{}:Mine", "has no class Mine that subclasses drafter.Drafter"),
     ("def broken(:\n", "{}:Mine", r"importing .* failed: SyntaxError: .*line 1\)$"),
     ("import nowhere_to_be_found\n", "{}:Mine", r"failed: ModuleNotFoundError: .*nowhere_to_be_found.*line 1\)$"),
+    ("import json\njson.loads('{')\n", "{}:Mine", r"failed: JSONDecodeError: .*d\.py, line 2\)$"),  # its line, not json's
     ("from transfer import HiddenTransfer\nclass Mine(HiddenTransfer):\n    kind = 'medusa'\n", "{}:Mine",
      "its kind 'medusa' is taken"),
     (None, "no_such_module_here:Mine", "failed: ModuleNotFoundError"),
@@ -239,6 +240,7 @@ def test_a_class_without_a_kind_of_its_own_is_named_after_itself(named, tmp_path
     (tmp_path / "m.py").write_text("from transfer import HiddenTransfer\nclass Mine2(HiddenTransfer):\n    pass\n")
     assert named(f"{tmp_path}/m.py:Mine2") == "mine2" == named(f"{tmp_path}/m.py:Mine2")
     assert checkpoint.DRAFTERS["transfer"] is HiddenTransfer and checkpoint.DRAFTERS["mine2"].title == "Mine2"
+    assert named("transfer:HiddenTransfer") == "transfer" and "transfer" not in checkpoint.SOURCES  # the project's own
 
 
 def test_a_checkpoint_needs_the_class_it_was_trained_with(named, tmp_path):
