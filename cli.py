@@ -111,9 +111,6 @@ def add_common_args(parser: argparse.ArgumentParser):
     parser.add_argument("--matmul", default="auto", choices=["auto", *kernels.FORMS],
                         help="CPU form of x @ W.T: the faster one per weight shape, timed at load (auto), "
                              "or one forced (tools/kernels.py)")
-    parser.add_argument("--compile", action="store_true",
-                        help="run the decoding steps under torch.compile (tools/compiled.py; CUDA graphs "
-                             "on a GPU)")
 
 
 def check_common_args(args):

@@ -20,11 +20,11 @@ import torch
 from checkpoint import load_drafter, open_checkpoint
 from cli import (DRAFTER_HELP, HelpFormatter, add_common_args, check_common_args, describe_machine, drafter_spec,
                  encode_prompt, fit_context, load, run_main)
+from compiled import CompiledDrafter, CompiledModel, static_length
 from generate import Generation, Sampler, generate, sync
 from model import KVCache
 from plan import Plan
 from tools import kernels
-from tools.compiled import compiled_for
 from trace_step import Recorder, report
 from tree import SHAPES, Tree
 
@@ -62,7 +62,7 @@ def next_drafts(run: Plan, path: list, node_drafts: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_tokens: int, sampler: Sampler,
-                  stop_ids=(), on_token=None, on_step=None, compiled=None) -> Generation:
+                  stop_ids=(), on_token=None, on_step=None, cache=None) -> Generation:
     """Generate with a drafter and a decoding plan. Same output as generate.generate, fewer passes.
 
     plan: a plan.Plan (a tree, which nodes carry pseudo tokens and how many), or a bare Tree, which
@@ -70,8 +70,9 @@ def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_token
     on_token(ids) is called once per pass with the tokens it emitted: the drafts it accepted, then
     the model's own token. on_step(cache, n), if given, is called after every step with the cache
     and the number of accepted tokens it holds (the tests check the cache against a fresh prefill).
-    compiled: a tools/compiled.Compiled of this model and drafter: the steps run compiled (the same
-    tokens).
+    cache: the KVCache to decode into, long enough for the prompt, the new tokens and a tree (default
+    a new one). compiled.py's stand-ins for model and drafter, with their cache, run the same steps
+    compiled.
     """
     plan = plan if isinstance(plan, Plan) else Plan.full(plan, drafter.k)
     if max(plan.tree.depth, plan.depth) > drafter.k:
@@ -80,8 +81,9 @@ def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_token
     fit_context(model, prompt, max_new_tokens, plan.tree.size)  # the last pass holds a whole tree
     dev, dtype = model.output.weight.device, model.output.weight.dtype
     n, need = len(prompt), len(prompt) + max_new_tokens + plan.tree.size
-    cache = compiled.cache(need) if compiled else KVCache(model.args, 1, need, dev, dtype)
-    tree_pass = compiled.tree_pass if compiled else drafter.tree_pass  # the prefill stays eager
+    cache = KVCache(model.args, 1, need, dev, dtype) if cache is None else cache
+    if cache.max_len < need:
+        raise ValueError(f"the cache holds {cache.max_len} slots; this generation needs {need}")
     cuts = {}  # drafts available -> the plan cut to them, its tree and nodes on the device
 
     def cut(avail: int):
@@ -112,9 +114,8 @@ def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_token
         run, tree, nodes = cut(len(drafts))
         tokens = tree.tokens(root, drafts[:tree.depth].topk(tree.top_r, dim=-1).indices)  # (N,)
         # 2. Verify, and draft the next step: one pass over the nodes and the plan's pseudo tokens.
-        hidden, states = tree_pass(model, tokens[None], tree.positions(n), tree.mask, n, cache,
-                                   nodes=nodes, depth=run.depth)
-        logits, node_drafts = drafter.step_logits(model, hidden, states)  # (N, V), (len(nodes), depth, V)
+        logits, node_drafts = drafter.step(model, tokens[None], tree.positions(n), tree.mask, n, cache,
+                                           nodes=nodes, depth=run.depth)  # (N, V), (len(nodes), depth, V)
         # 3. Accept: the walk keeps the tokens the model itself chooses.
         path, emitted = accept(tree.children, tokens.tolist(), lambda v: sampler(logits[v]),
                                max_new_tokens - len(out.tokens), stop_ids)
@@ -164,6 +165,9 @@ class DraftMarker:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_common_args(parser)
+    parser.add_argument("--compile", action="store_true",
+                        help="run both decoding steps under torch.compile with static shapes, compiled "
+                             "before decoding (compiled.py; CUDA graphs on a GPU): the same tokens")
     parser.add_argument("--drafter", default=None, type=drafter_spec,
                         help=DRAFTER_HELP + "; default: whatever the checkpoint holds, transfer when there is none")
     parser.add_argument("--drafter-checkpoint", default=None,
@@ -210,12 +214,15 @@ def main(argv=None):
     else:
         stream = tok.stream()
         show = lambda ids: print(stream.push([i for i in ids if i not in tok.stop_ids]), end="", flush=True)
-    compiled = compiled_for(args, model, drafter, len(prompt) + args.max_new_tokens, plan)
     sampler = Sampler(args.temperature, args.top_p, args.seed)
     recorder = Recorder(drafter, sampler) if args.trace else None  # records each pass, changes nothing
+    cache = None
+    if args.compile:  # both steps compiled, all shapes static (compiled.py): the same tokens
+        model = CompiledModel(model, static_length(len(prompt) + args.max_new_tokens + plan.tree.size, model))
+        drafter, cache = CompiledDrafter(drafter, model, plan), model.cache
+        print(f"compiled in {model.warm_up() + drafter.warm_up():.0f} s", file=sys.stderr)
     out = generate_tree(model, recorder or drafter, prompt, plan, args.max_new_tokens,
-                        recorder.choose if recorder else sampler, tok.stop_ids, on_token=show,
-                        compiled=compiled)
+                        recorder.choose if recorder else sampler, tok.stop_ids, on_token=show, cache=cache)
     if args.show:
         print(show.summary(out))
     if recorder:
@@ -225,7 +232,7 @@ def main(argv=None):
           f"({describe_machine(args.device)}, {args.dtype})")
     if args.check:
         ref = generate(model, prompt, args.max_new_tokens, Sampler(args.temperature, args.top_p, args.seed),
-                       tok.stop_ids, compiled=compiled)
+                       tok.stop_ids, cache=cache)
         same = ref.tokens == out.tokens
         print(f"--check: plain decoding of the same prompt with the same sampler and seed emitted "
               f"{len(ref.tokens)} tokens; tokens identical to plain decoding: {'yes' if same else 'NO'}\n"

@@ -32,7 +32,7 @@ STD = 0.08  # 0.15: next tokens too random to draft; 0.05: one token repeated; 0
 # train.py's defaults with --model tiny (flags given still win): seconds, not minutes
 TRAIN = dict(conversations=120, holdout=20, replies=100, reply_tokens=48, reply_batch=50, seq_len=96,
              eval_windows=10, steps=200, warmup=10, lr=1e-2, positions_per_seq=24, tree_sizes=[2, 4],
-             frozen_dtype="float32", eval_every=0)
+             frozen_dtype="float32", eval_every=0, compiled_finalists=0)
 
 
 def load_model(device="cpu", dtype=torch.float32) -> Transformer:

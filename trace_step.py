@@ -15,9 +15,9 @@ from tree import draw_mask, pseudo_mask
 
 
 class Recorder:
-    """A drafter and a sampler for generate_tree that record each pass: its inputs (tokens,
-    positions, ancestor mask, n, drafting nodes, depth), its logits and drafts, and the target's
-    choices in the order the walk made them."""
+    """A drafter and a sampler for generate_tree that record each pass (the prefill's tree_pass and
+    step_logits, every decoding step's step): its inputs (tokens, positions, ancestor mask, n,
+    drafting nodes, depth), its drafts, and the target's choices in the order the walk made them."""
 
     def __init__(self, drafter, sampler):
         self.drafter, self.sampler, self.passes = drafter, sampler, []
@@ -25,10 +25,19 @@ class Recorder:
     def __getattr__(self, name):  # everything not recorded is the drafter's own (k, kind, title, ...)
         return getattr(self.drafter, name)
 
-    def tree_pass(self, model, tokens, pos, tree_mask, n, cache, nodes=None, depth=None):
+    def record(self, tokens, pos, tree_mask, n, nodes, depth):
         nodes_list = list(range(tokens.shape[1])) if nodes is None else [int(v) for v in nodes]
         self.passes.append({"tokens": tokens[0].tolist(), "positions": pos.tolist(), "mask": tree_mask.cpu(),
                             "n": int(n), "nodes": nodes_list, "depth": depth or self.drafter.k, "choices": []})
+
+    def step(self, model, tokens, pos, tree_mask, n, cache, nodes=None, depth=None):  # a decoding step
+        self.record(tokens, pos, tree_mask, n, nodes, depth)
+        logits, drafts = self.drafter.step(model, tokens, pos, tree_mask, n, cache, nodes, depth)
+        self.passes[-1]["drafts"] = drafts.detach().cpu()  # (len(nodes), depth, V)
+        return logits, drafts
+
+    def tree_pass(self, model, tokens, pos, tree_mask, n, cache, nodes=None, depth=None):  # the prefill
+        self.record(tokens, pos, tree_mask, n, nodes, depth)
         return self.drafter.tree_pass(model, tokens, pos, tree_mask, n, cache, nodes, depth)
 
     def step_logits(self, model, hidden, states):

@@ -26,6 +26,7 @@ from checkpoint import (DRAFTERS, SOURCES, build_drafter, default_checkpoint, op
                         save_checkpoint)
 from cli import (DRAFTER_HELP, HelpFormatter, add_common_args, check_common_args, describe_machine, drafter_spec,
                  float_range, int_range, list_of, load, run_main)
+from compiled import compiler_works
 from data import batches
 from distill import choose_positions, distill_loss, teacher_logprobs
 from evaluate import evaluate_all, format_all
@@ -34,7 +35,7 @@ from plan import Plan
 import tiny
 from replies import load_windows
 from tools import distributed, kernels
-from tools.plan_search import expected_tokens, select_plan
+from tools.plan_search import expected_tokens, select_compiled_plan, select_plan
 from tree import chain
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -158,10 +159,16 @@ def run(args, model, train_windows, held: dict, frozen_model=None, world=(0, 1),
     eval_s, t0 = time.perf_counter() - t0, time.perf_counter()
     sizes = [n for n in args.tree_sizes if n >= 2]  # 1 node, the root alone, accepts nothing
     kernels.apply(drafter)  # time the passes as decoding will run them: the CPU's faster product forms
-    plan, table = (select_plan(model, drafter, accept, sizes) if sizes else (Plan.full(chain(args.k), args.k), None))
+    plan, table, candidates = (select_plan(model, drafter, accept, sizes) if sizes
+                               else (Plan.full(chain(args.k), args.k), None, None))
+    compiled = {}
+    if candidates and args.compiled_finalists and compiler_works(dev):  # the plan compiled decoding runs
+        compiled_plan, compiled_table = select_compiled_plan(model, drafter, accept, candidates,
+                                                             args.compiled_finalists)
+        compiled = {"compiled_plan": compiled_plan.fields(), "compiled_plan_table": compiled_table}
     minutes = {**(minutes or {}), "training": train_s / 60, "evaluation": eval_s / 60,
                "plan": (time.perf_counter() - t0) / 60}
-    out = fields(eval=metrics, accept_rates=accept, **plan.fields(), plan_table=table, minutes=minutes,
+    out = fields(eval=metrics, accept_rates=accept, **plan.fields(), plan_table=table, **compiled, minutes=minutes,
                  machine=describe_machine(dev), finished=True)
     save_checkpoint(out_path, drafter, model, out)
     save_atomic(os.path.splitext(out_path)[0] + ".json", {k: v for k, v in out.items() if k != "optimizer"})
@@ -232,6 +239,9 @@ def parse_args(argv=None):
     p.add_argument("--top-r", type=int_range(1), default=10, help="draft ranks measured for acceptance rates")
     p.add_argument("--tree-sizes", type=list_of(int_range(1)), default="1,2,3,4,6,8,12,16,24,32",
                    help="tree sizes (nodes, root included) whose plans are timed at the end ('' = keep a chain)")
+    p.add_argument("--compiled-finalists", type=int_range(0), default=3,
+                   help="the best plans of that search compiled and timed again as compiled decoding runs them "
+                        "(bench.py's compiled mode uses the winner); 0: none")
     p.add_argument("--drafter-checkpoint", default=None,
                    help="where the drafter is saved (and --resume reads it); None = checkpoints/<drafter>.pt, "
                         "with a JSON summary beside it")

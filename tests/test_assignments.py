@@ -226,7 +226,7 @@ def test_all_cut_copy_still_imports_and_runs_its_scripts(tmp_path):
     out = tmp_path / "copy"
     assert run(["assignments/make.py", "all", "--out", str(out)], ROOT).returncode == 0
     r = run(["-c", "import model, tree, transfer, plan, generate, decode, distill, evaluate, replies, train, bench, "
-                   "medusa, tools.analysis, tools.latency, tools.plan_search, tools.compiled"], out)
+                   "medusa, compiled, tools.analysis, tools.latency, tools.plan_search, tools.roofline"], out)
     assert r.returncode == 0, r.stderr
     r = run(["tree.py", "--help"], out)
     assert r.returncode == 0 and "--pseudo" in r.stdout

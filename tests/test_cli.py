@@ -238,7 +238,7 @@ def test_bench_reports_what_it_has_then_exits_130(monkeypatch, tmp_path, capsys)
     monkeypatch.setattr(bench, "_one", one)
     with pytest.raises(SystemExit) as e:
         bench.main(["--untrained", "--methods", "plain,transfer", "--prompts", "3", "--max-new-tokens", "4",
-                    "--out", str(tmp_path / "r.json"), "--device", "cpu",
+                    "--modes", "eager", "--out", str(tmp_path / "r.json"), "--device", "cpu",
                     "--mtbench", mtbench_file(tmp_path / "q.jsonl")])
     saved = json.loads((tmp_path / "r.json").read_text())
     assert e.value.code == 130 and saved["interrupted"] and len(saved["runs"]) == 1

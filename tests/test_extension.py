@@ -99,7 +99,7 @@ def test_a_new_drafter_trains_decodes_and_benches(registered, tmp_path):
     model, path = tiny(), str(tmp_path / "last.pt")
     args = train.parse_args(["--drafter", "last-hidden", "--steps", "8", "--seq-len", "24", "--lr", "1e-2", "--k", "3",
                              "--positions-per-seq", "6", "--warmup", "2", "--eval-every", "0",
-                             "--tree-sizes", "2,4", "--drafter-checkpoint", path])
+                             "--tree-sizes", "2,4", "--compiled-finalists", "0", "--drafter-checkpoint", path])
     out = train.run(args, model, fake_windows(8), fake_windows(2, seed=1))
     assert out["finished"] and len(out["history"]) == 8 and len(out["eval"]["held-out"]["top1"]) == 3
 
@@ -144,7 +144,8 @@ def test_an_mlp_projection_trains_decodes_losslessly_and_benches(mlp, tmp_path):
     model, path = tiny(), str(tmp_path / "mlp.pt")
     args = train.parse_args(["--drafter", "mlp-transfer", "--steps", "12", "--seq-len", "24", "--lr", "1e-2",
                              "--k", "2", "--transfer-layer", "2", "--positions-per-seq", "6", "--warmup", "2",
-                             "--eval-every", "0", "--tree-sizes", "2,3", "--drafter-checkpoint", path])
+                             "--eval-every", "0", "--tree-sizes", "2,3", "--compiled-finalists", "0",
+                             "--drafter-checkpoint", path])
     out = train.run(args, model, fake_windows(8), fake_windows(2, seed=1))
     assert out["finished"] and out["history"][-1] < out["history"][0]
 

@@ -38,7 +38,7 @@ def retime_plan(model, path, sizes):
     if ckpt.get("accept_rates") is None:
         raise ValueError(f"{path} has no measured acceptance rates: let its train.py run finish")
     kernels.apply(drafter)  # time the passes as decoding will run them
-    plan, table = select_plan(model, drafter, ckpt["accept_rates"], [n for n in sizes if n >= 2])
+    plan, table, _ = select_plan(model, drafter, ckpt["accept_rates"], [n for n in sizes if n >= 2])
     ckpt.update(**plan.fields(), plan_table=table)
     save_checkpoint(path, drafter, model,
                     {k: v for k, v in ckpt.items() if k not in ("kind", "config", "identity", "state_dict")})
