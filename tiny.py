@@ -8,6 +8,9 @@ them token for token like any model's. train.py takes TRAIN as its defaults, so 
 trains, is evaluated and gets its plan in seconds:
 
     python train.py --model tiny && python decode.py --model tiny --show --check
+
+It runs on one CPU thread unless --threads says otherwise: its products are too small to share,
+and on a busy machine a second thread waiting for a core slows every step many times over.
 """
 
 import json
