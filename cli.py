@@ -139,7 +139,7 @@ def load(args):
     try:
         if args.model == tiny.NAME:  # a small random model of the same architecture, made here (tiny.py)
             model, tok = tiny.load_model(args.device, DTYPES[args.dtype]), tiny.load_tokenizer(args.template)
-            torch.set_num_threads(args.threads or 1)  # toy-sized products: other threads only wait (on a busy CPU, long)
+            torch.set_num_threads(args.threads or 1)  # toy-sized products: a second thread only waits
         else:
             path = args.model or default_model_path()
             model = load_model(path, device=args.device, dtype=DTYPES[args.dtype]).eval()

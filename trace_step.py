@@ -93,8 +93,8 @@ def report(rec: Recorder, plan: Plan, show) -> str:
         labels += [f"({v},{j})" for v in p["nodes"] for j in range(1, p["depth"] + 1)]
         out += ["", f"2. The mask: row attends to column, columns in the order of the rows (the {n} cache columns, "
                 f"all 1, left out). Layers 1..{layer} (t = {layer}) use the top-left block, the tree's ancestor mask; "
-                f"layers {layer + 1}..L add the pseudo tokens:", draw_mask(pseudo_mask(p["mask"], p["depth"], p["nodes"]),
-                                                                       labels), "",
+                f"layers {layer + 1}..L add the pseudo tokens:",
+                draw_mask(pseudo_mask(p["mask"], p["depth"], p["nodes"]), labels), "",
                 "3. Pseudo tokens: (v,i) sits at position pos(v) + i and drafts q_i, the token at pos(v) + i + 1; "
                 "they are never cached"]
     else:
