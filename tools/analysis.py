@@ -23,11 +23,12 @@ import torch.nn.functional as F
 import train
 from checkpoint import build_drafter, open_checkpoint, save_atomic, save_checkpoint
 from cli import HelpFormatter, check_common_args, describe_machine, int_range, list_of, load, run_main
+from compiled import compiler_works
 from evaluate import fixed_positions, format_all
 from model import KVCache, causal_mask
 from replies import load_windows
 from tools import kernels
-from tools.plan_search import select_plan
+from tools.plan_search import select_compiled_plan, select_plan
 
 # ----------------------------------------------------------------------------- the tree, again
 
@@ -38,14 +39,18 @@ def retime_plan(model, path, sizes):
     if ckpt.get("accept_rates") is None:
         raise ValueError(f"{path} has no measured acceptance rates: let its train.py run finish")
     kernels.apply(drafter)  # time the passes as decoding will run them
-    plan, table, _ = select_plan(model, drafter, ckpt["accept_rates"], [n for n in sizes if n >= 2])
+    plan, table, candidates = select_plan(model, drafter, ckpt["accept_rates"], [n for n in sizes if n >= 2])
     ckpt.update(**plan.fields(), plan_table=table)
+    if compiler_works(model.output.weight.device):  # and the plan compiled decoding runs (train.py's choice)
+        compiled_plan, compiled_table = select_compiled_plan(model, drafter, ckpt["accept_rates"], candidates)
+        ckpt.update(compiled_plan=compiled_plan.fields(), compiled_plan_table=compiled_table)
     save_checkpoint(path, drafter, model,
                     {k: v for k, v in ckpt.items() if k not in ("kind", "config", "identity", "state_dict")})
     summary = os.path.splitext(path)[0] + ".json"  # train.py's summary beside it, for tools/results.py
     if os.path.exists(summary):
         with open(summary) as f:
             save_atomic(summary, {**json.load(f), **plan.fields(), "plan_table": table,
+                                  **{k: ckpt[k] for k in ("compiled_plan", "compiled_plan_table") if k in ckpt},
                                   "machine": describe_machine(model.output.weight.device)})
     print(f"saved the plan in {path}")
 
