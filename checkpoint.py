@@ -1,15 +1,22 @@
 """Drafter checkpoints: the registry of drafter kinds, saving, and the ONE loader every script uses.
 
 A checkpoint file is a dict saved by torch.save: kind (a key of DRAFTERS), config (the drafter's
-constructor arguments), identity (which base model it was trained for), state_dict, and whatever
-train.py adds (tree, accept_rates, optimizer, ...). Loading refuses anything else in one line
-naming the file (CheckpointError). Files are written atomically (save_atomic). Read next: data.py.
+constructor arguments), identity (which base model it was trained for), state_dict, source (for a
+drafter class from a file or module named on the command line, drafter_kind: where it came from),
+and whatever train.py adds (tree, accept_rates, optimizer, ...). Loading refuses anything else in
+one line naming the file (CheckpointError); it never runs code from the file (weights_only), and
+a drafter from elsewhere loads only once the command line names its class again. Files are
+written atomically (save_atomic). Read next: data.py.
 """
 
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
 import pickle
+import shlex
+import sys
 import uuid
 from dataclasses import asdict
 
@@ -27,8 +34,12 @@ DRAFTERS = {HiddenTransfer.kind: HiddenTransfer, Medusa.kind: Medusa}
 OLD_KINDS = {"HiddenTransfer": "transfer", "Medusa": "medusa"}  # read in checkpoints saved before the names
 
 
+SOURCES = {}  # kind -> "/abs/path/mine.py:Mine" or "module:Mine", for the kinds drafter_kind imported
+
+
 def register(cls: type[Drafter]) -> type[Drafter]:
-    """Add a Drafter subclass under cls.kind (a new drafter needs no other project file)."""
+    """Add a Drafter subclass under cls.kind (in this process: the command line's way in is
+    drafter_kind, `--drafter FILE.py:Class`)."""
     DRAFTERS[cls.kind] = cls
     return cls
 
@@ -37,13 +48,76 @@ class CheckpointError(ValueError):
     """A drafter checkpoint that cannot be used. The message is one line that names the file."""
 
 
-def default_checkpoint(kind: str) -> str:
-    """Where train.py --drafter KIND saves, and every script looks when given no path."""
-    return f"checkpoints/{kind}.pt"
+def drafter_kind(spec: str) -> str:
+    """The kind that `--drafter SPEC` names: a known kind (a key of DRAFTERS), or a Drafter subclass
+    in a file, "path/to/mine.py:Mine", or in an importable module, "package.mine:Mine". That class
+    is imported now and registered under its own `kind` attribute (the class name in lower case if
+    it sets none), and its checkpoints record where it came from (SOURCES). A spec that names no
+    such class raises ValueError, one line."""
+    if spec in DRAFTERS:
+        return spec
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise ValueError(f"unknown drafter {spec!r}: give a kind ({', '.join(DRAFTERS)}), FILE.py:Class "
+                         "or module:Class")
+    if where.endswith(".py"):
+        path = os.path.abspath(os.path.expanduser(where))
+        source = f"{path}:{name}"
+        if not os.path.isfile(path):
+            raise ValueError(f"drafter {spec}: there is no file {path}")
+    else:
+        source = spec
+    known = next((k for k, s in SOURCES.items() if s == source), None)
+    if known:  # imported already: the same class again
+        return known
+    module = _import(where, spec)
+    cls = getattr(module, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Drafter)):
+        raise ValueError(f"drafter {spec}: {where} has no class {name} that subclasses drafter.Drafter")
+    if DRAFTERS.get(cls.__dict__.get("kind")) is cls and cls.kind not in SOURCES:  # a project drafter, e.g.
+        return cls.kind                                                           # transfer:HiddenTransfer
+    cls.kind = cls.__dict__.get("kind") or name.lower()  # an inherited kind ("transfer") is not its own
+    cls.title = cls.__dict__.get("title") or name
+    if cls.kind in DRAFTERS and DRAFTERS[cls.kind] is not cls:
+        raise ValueError(f"drafter {spec}: its kind {cls.kind!r} is taken; give {name} its own "
+                         "`kind = \"...\"`")
+    SOURCES[cls.kind] = source
+    return register(cls).kind
+
+
+def _import(where: str, spec: str):
+    """The module of a file path or module name; an error while importing it is one line with its place."""
+    try:
+        if not where.endswith(".py"):
+            return importlib.import_module(where)
+        path = os.path.abspath(os.path.expanduser(where))
+        name = "drafter_" + hashlib.sha256(path.encode()).hexdigest()[:12]  # two files may share a name
+        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))
+        sys.modules[name] = module
+        module.__spec__.loader.exec_module(module)
+        return module
+    except Exception as e:  # the learner's own file: say what failed, and where
+        if isinstance(e, SyntaxError):
+            place = f" ({e.filename}, line {e.lineno})"
+        else:  # the deepest line of the named file, else the deepest line of all
+            tb, place, own = e.__traceback__, "", os.path.abspath(os.path.expanduser(where))
+            while tb:
+                file = tb.tb_frame.f_code.co_filename
+                if file == own or not place.startswith(f" ({own},"):
+                    place = f" ({file}, line {tb.tb_lineno})"
+                tb = tb.tb_next
+        raise ValueError(f"drafter {spec}: importing {where} failed: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}{place}") from None
+
+
+def default_checkpoint(kind: str, model: str | None = None) -> str:
+    """Where train.py --drafter KIND saves, and every script looks when given no path (the tiny
+    model's drafters apart, under checkpoints/tiny/)."""
+    return f"checkpoints/tiny/{kind}.pt" if model == "tiny" else f"checkpoints/{kind}.pt"
 
 
 def train_command(kind: str) -> str:
-    return "python train.py" + ("" if kind == "transfer" else f" --drafter {kind}")
+    return "python train.py" + ("" if kind == "transfer" else f" --drafter {shlex.quote(SOURCES.get(kind, kind))}")
 
 
 def save_atomic(path: str, obj):
@@ -110,8 +184,9 @@ def verify_checksum(ckpt: dict, path: str):
 
 
 def save_checkpoint(path: str, drafter: Drafter, model: Transformer, extra: dict):
+    source = {"source": SOURCES[drafter.kind]} if drafter.kind in SOURCES else {}  # a class from elsewhere
     state = {"kind": drafter.kind, "config": drafter.config(), "identity": model_identity(model),
-             "state_dict": drafter.state_dict(), **extra}
+             "state_dict": drafter.state_dict(), **source, **extra}
     state["checksum"] = checksum(state)
     save_atomic(path, state)
 
@@ -149,6 +224,14 @@ def open_checkpoint(path: str, kind: str | None = None) -> dict:
                               f"{', '.join(missing)}")
     if isinstance(ckpt["kind"], str):
         ckpt["kind"] = OLD_KINDS.get(ckpt["kind"], ckpt["kind"])
+    source = ckpt.get("source")  # a drafter class from a file or module: it runs only once named again
+    named = isinstance(ckpt["kind"], str) and SOURCES.get(ckpt["kind"])  # the class this process imported
+    if isinstance(source, str) and named != source:
+        raise CheckpointError(f"{path} holds a {ckpt['kind']} drafter whose class is {source}: name it to "
+                              f"load it (--drafter {shlex.quote(source)}; bench.py: --methods "
+                              f"{shlex.quote('plain,' + source)})")
+    if named and source != named:
+        raise CheckpointError(f"{path} holds a {ckpt['kind']} drafter that was not trained with {named}")
     if not isinstance(ckpt["kind"], str) or ckpt["kind"] not in DRAFTERS:
         raise CheckpointError(f"{path} holds a drafter of unknown kind {ckpt['kind']!r} "
                               f"(known: {', '.join(DRAFTERS)})")
@@ -183,16 +266,17 @@ def build_drafter(ckpt: dict, path: str, model: Transformer) -> Drafter:
 
 
 def load_drafter(model: Transformer, path: str | None = None, kind: str | None = None,
-                 untrained: bool = False, k: int = 3):
-    """(drafter, tree, note): the ONE way from a checkpoint to what decoding needs.
+                 untrained: bool = False, k: int = 3, model_name: str | None = None):
+    """(drafter, plan, note): the ONE way from a checkpoint to what decoding needs.
 
-    path: a checkpoint; an explicit path must exist. None: default_checkpoint(kind or "transfer"),
-    and when that does not exist yet, an untrained drafter (lossless, drafts poorly), as with
-    untrained=True. kind: the kind required (None: whatever the file holds). The tree is the one
-    train.py chose and stored, else a chain; note says in one line what was loaded, for stderr.
+    path: a checkpoint; an explicit path must exist. None: default_checkpoint(kind or "transfer",
+    model_name) (model_name: --model), and when that does not exist yet, an untrained drafter
+    (lossless, drafts poorly), as with untrained=True. kind: the kind required (None: whatever the
+    file holds). The plan (plan.Plan) is the one train.py chose and stored, else the full plan of a
+    chain; note says in one line what was loaded, for stderr.
     """
     if not untrained and path is None:
-        path = default_checkpoint(kind or "transfer")
+        path = default_checkpoint(kind or "transfer", model_name)
         untrained = not os.path.exists(path)
         why = f"no checkpoint at {path} yet"
     else:

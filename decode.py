@@ -18,14 +18,15 @@ import time
 
 import torch
 
-from checkpoint import DRAFTERS, load_drafter, open_checkpoint
-from cli import (HelpFormatter, add_common_args, check_common_args, describe_machine, encode_prompt, fit_context,
-                 load, run_main)
+from checkpoint import load_drafter, open_checkpoint
+from cli import (DRAFTER_HELP, HelpFormatter, add_common_args, check_common_args, describe_machine, drafter_spec,
+                 encode_prompt, fit_context, load, run_main)
+from compiled import CompiledDrafter, CompiledModel, static_length
 from generate import Generation, Sampler, generate, sync
 from model import KVCache
 from plan import Plan
 from tools import kernels
-from tools.compiled import compiled_for
+from trace_step import Recorder, report
 from tree import SHAPES, Tree
 
 
@@ -62,7 +63,7 @@ def next_drafts(run: Plan, path: list, node_drafts: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_tokens: int, sampler: Sampler,
-                  stop_ids=(), on_token=None, on_step=None, compiled=None) -> Generation:
+                  stop_ids=(), on_token=None, on_step=None, cache=None) -> Generation:
     """Generate with a drafter and a decoding plan. Same output as generate.generate, fewer passes.
 
     plan: a plan.Plan (a tree, which nodes carry pseudo tokens and how many), or a bare Tree, which
@@ -70,8 +71,9 @@ def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_token
     on_token(ids) is called once per pass with the tokens it emitted: the drafts it accepted, then
     the model's own token. on_step(cache, n), if given, is called after every step with the cache
     and the number of accepted tokens it holds (the tests check the cache against a fresh prefill).
-    compiled: a tools/compiled.Compiled of this model and drafter: the steps run compiled (the same
-    tokens).
+    cache: the KVCache to decode into, long enough for the prompt, the new tokens and a tree (default
+    a new one). compiled.py's stand-ins for model and drafter, with their cache, run the same steps
+    compiled.
     """
     plan = plan if isinstance(plan, Plan) else Plan.full(plan, drafter.k)
     if max(plan.tree.depth, plan.depth) > drafter.k:
@@ -81,8 +83,9 @@ def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_token
     fit_context(model, prompt, max_new_tokens, plan.tree.size)  # the last pass holds a whole tree
     dev, dtype = model.output.weight.device, model.output.weight.dtype
     n, need = len(prompt), len(prompt) + max_new_tokens + plan.tree.size
-    cache = compiled.cache(need) if compiled else KVCache(model.args, 1, need, dev, dtype)
-    tree_pass = compiled.tree_pass if compiled else drafter.tree_pass  # the prefill stays eager
+    cache = KVCache(model.args, 1, need, dev, dtype) if cache is None else cache
+    if cache.max_len < need:
+        raise ValueError(f"the cache holds {cache.max_len} slots; this generation needs {need}")
     cuts = {}  # drafts available -> the plan cut to them, its tree and nodes on the device
 
     def cut(avail: int):
@@ -113,9 +116,8 @@ def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_token
         run, tree, nodes = cut(len(drafts))
         tokens = tree.tokens(root, drafts[:tree.depth].topk(tree.top_r, dim=-1).indices)  # (N,)
         # 2. Verify, and draft the next step: one pass over the nodes and the plan's pseudo tokens.
-        hidden, states = tree_pass(model, tokens[None], tree.positions(n), tree.mask, n, cache,
-                                   nodes=nodes, depth=run.depth)
-        logits, node_drafts = drafter.step_logits(model, hidden, states)  # (N, V), (len(nodes), depth, V)
+        logits, node_drafts = drafter.step(model, tokens[None], tree.positions(n), tree.mask, n, cache,
+                                           nodes=nodes, depth=run.depth)  # (N, V), (len(nodes), depth, V)
         # 3. Accept: the walk keeps the tokens the model itself chooses.
         path, emitted = accept(tree.children, tokens.tolist(), lambda v: sampler(logits[v]),
                                max_new_tokens - len(out.tokens), stop_ids)
@@ -138,7 +140,7 @@ def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_token
 
 # ----------------------------------------------------------------------------- seeing it work
 
-class Shower:
+class DraftMarker:
     """`--show`: the tokens of each pass as on_token receives them, the accepted drafts marked: green
     on a terminal, in [brackets] when piped. Stop tokens are not shown."""
 
@@ -165,9 +167,11 @@ class Shower:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--drafter", default=None, choices=list(DRAFTERS),
-                        help="the drafter kind (default: whatever the checkpoint holds; transfer when "
-                             "there is none)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run both decoding steps under torch.compile with static shapes, compiled "
+                             "before decoding (compiled.py; CUDA graphs on a GPU): the same tokens")
+    parser.add_argument("--drafter", default=None, type=drafter_spec,
+                        help=DRAFTER_HELP + "; default: whatever the checkpoint holds, transfer when there is none")
     parser.add_argument("--drafter-checkpoint", default=None,
                         help="drafter checkpoint from train.py (default: checkpoints/<drafter>.pt; when "
                              "that does not exist yet, an untrained drafter, with a note)")
@@ -179,17 +183,24 @@ def main(argv=None):
                         help="no checkpoint: an untrained drafter (identity projection, zero heads): "
                              "lossless, but drafts poorly")
     parser.add_argument("--check", action="store_true",
-                        help="also run plain decoding and report whether the outputs are identical")
+                        help="also run plain decoding (same prompt, sampler and seed) and say whether the tokens "
+                             "are identical, i.e. lossless; it times nothing (python bench.py measures speed)")
+    parser.add_argument("--trace", action="store_true",
+                        help="after the answer, print one decoding step in full: the tree's tokens, the mask, the "
+                             "pseudo tokens' drafts, the acceptance walk, the cache (trace_step.py)")
     parser.add_argument("--show", action="store_true",
                         help="mark every token: a draft the pass accepted, or the model's own; then the "
                              "drafts accepted per pass and tau")
     args = parser.parse_args(argv)
+    if args.trace and getattr(args, "compile", False):
+        parser.error("--trace records eager passes: leave out --compile")
     check_common_args(args)
     try:
         if args.drafter_checkpoint and not args.untrained:
             open_checkpoint(args.drafter_checkpoint, args.drafter)  # a bad file fails before the slow load
         model, tok = load(args)
-        drafter, plan, note = load_drafter(model, args.drafter_checkpoint, args.drafter, args.untrained)
+        drafter, plan, note = load_drafter(model, args.drafter_checkpoint, args.drafter, args.untrained,
+                                           model_name=args.model)
     except ValueError as e:  # checkpoint.CheckpointError: one line naming the file
         sys.exit(f"error: {e}")
     kernels.apply(drafter)
@@ -201,29 +212,37 @@ def main(argv=None):
             sys.exit(f"error: --tree: {e}")
     prompt = encode_prompt(args, model, tok, plan.tree.size)
     if args.show:
-        show = Shower(tok, color=sys.stdout.isatty())
+        show = DraftMarker(tok, color=sys.stdout.isatty())
     else:
         stream = tok.stream()
         show = lambda ids: print(stream.push([i for i in ids if i not in tok.stop_ids]), end="", flush=True)
-    compiled = compiled_for(args, model, drafter, len(prompt) + args.max_new_tokens, plan)
-    out = generate_tree(model, drafter, prompt, plan, args.max_new_tokens,
-                        Sampler(args.temperature, args.top_p, args.seed), tok.stop_ids, on_token=show,
-                        compiled=compiled)
+    sampler = Sampler(args.temperature, args.top_p, args.seed)
+    recorder = Recorder(drafter, sampler) if args.trace else None  # records each pass, changes nothing
+    cache = None
+    if args.compile:  # both steps compiled, all shapes static (compiled.py): the same tokens
+        model = CompiledModel(model, static_length(len(prompt) + args.max_new_tokens + plan.tree.size, model))
+        drafter, cache = CompiledDrafter(drafter, model, plan), model.cache
+        print(f"compiled in {model.warm_up() + drafter.warm_up():.0f} s", file=sys.stderr)
+    out = generate_tree(model, recorder or drafter, prompt, plan, args.max_new_tokens,
+                        recorder.choose if recorder else sampler, tok.stop_ids, on_token=show, cache=cache)
     if args.show:
         print(show.summary(out))
+    if recorder:
+        print("\n\n" + report(recorder, plan, lambda i: repr(tok.decode([i], skip_special=False))))
     print(f"\n\n{drafter.title}: {len(out.tokens)} tokens, tau {out.tau:.2f}, "
           f"{out.tokens_per_s:.1f} tokens/s, plan {plan.text()} "
           f"({describe_machine(args.device)}, {args.dtype})")
     if args.check:
         ref = generate(model, prompt, args.max_new_tokens, Sampler(args.temperature, args.top_p, args.seed),
-                       tok.stop_ids, compiled=compiled)
+                       tok.stop_ids, cache=cache)
         same = ref.tokens == out.tokens
-        print(f"plain decoding:  {len(ref.tokens)} tokens, {ref.tokens_per_s:.1f} tokens/s; "
-              f"speedup {out.tokens_per_s / ref.tokens_per_s:.2f}x; outputs identical: {same}")
+        print(f"--check: plain decoding of the same prompt with the same sampler and seed emitted "
+              f"{len(ref.tokens)} tokens; tokens identical to plain decoding: {'yes' if same else 'NO'}\n"
+              "(the tokens/s above come from one run without warm-up: not a benchmark; python bench.py "
+              "measures speed)")
         if not same:
             first = next(i for i, (a, b) in enumerate(zip(out.tokens + [-1], ref.tokens + [-1])) if a != b)
-            print(f"first difference at token {first}", file=sys.stderr)
-            sys.exit(1)
+            sys.exit(f"error: not lossless: the tokens differ from plain decoding's from token {first} on")
     return out
 
 

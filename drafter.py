@@ -1,8 +1,9 @@
 """The drafter interface: what decoding, training and checkpoints need from a drafter, written once.
 
 transfer.py's HiddenTransfer and medusa.py's Medusa implement it; decode.py, train.py, bench.py and
-the tools only ever call these methods, so a new drafter is one subclass plus one entry in
-checkpoint.DRAFTERS (`checkpoint.register`). tests/test_new_drafter.py adds one from a test file.
+the tools only ever call these methods, so a new drafter is one subclass in a file of your own,
+named on the command line as `--drafter FILE.py:Class` (checkpoint.drafter_kind).
+tests/test_extension.py trains, decodes and benches three that way.
 Read next: transfer.py, the drafter this project is about.
 """
 
@@ -45,7 +46,7 @@ class Drafter(nn.Module):
 
         tokens (1, N): the nodes' token ids; pos (N,): their RoPE positions; tree_mask (N, N): the
         ancestor mask; n: tokens already in `cache`. The nodes go to cache slots n..n+N-1. Build the
-        attention masks with cache.attention_mask(...): tools/compiled.py passes a cache whose masks
+        attention masks with cache.attention_mask(...): compiled.py passes a cache whose masks
         span its whole length (and n as a 0-d tensor), so a compiled pass never changes shape.
         nodes: which nodes draft (default all, in order); depth: drafts per node (default k, at
         most k); pseudo (a, i) never sees (a, j > i), so a smaller depth changes no kept draft.
@@ -53,6 +54,13 @@ class Drafter(nn.Module):
         verifying logits; states (len(nodes), depth, ...): what draft_logits reads, one per node).
         """
         raise NotImplementedError
+
+    def step(self, model: Transformer, tokens, pos, tree_mask, n, cache, nodes=None, depth=None):
+        """One decoding step's model work (decode.generate_tree's step 2): tree_pass, then
+        step_logits. Returns (logits (N, V): the nodes' verifying logits; drafts (len(nodes), depth,
+        V)). compiled.py runs exactly this under torch.compile."""
+        hidden, states = self.tree_pass(model, tokens, pos, tree_mask, n, cache, nodes, depth)
+        return self.step_logits(model, hidden, states)
 
     def draft_logits(self, model: Transformer, states: torch.Tensor) -> torch.Tensor:
         """states (..., depth, ...) from tree_pass or train_pass -> draft logits (..., depth, V)."""

@@ -9,6 +9,7 @@ exactly one draw per emitted token (what keeps seeded Hidden Transfer sampling l
 import startup  # noqa: F401  (first: Ctrl-C while Python imports is one line, not a traceback)
 import argparse
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -16,8 +17,8 @@ import torch
 
 from cli import (HelpFormatter, add_common_args, check_common_args, describe_machine, encode_prompt, fit_context,
                  load, run_main)
+from compiled import CompiledModel, static_length
 from model import KVCache, Transformer, causal_mask
-from tools.compiled import compiled_for
 
 
 # ----------------------------------------------------------------------------- the sampler
@@ -103,14 +104,16 @@ def sync(device):
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: list, max_new_tokens: int, sampler: Sampler,
-             stop_ids=(), on_token=None, compiled=None) -> Generation:
+             stop_ids=(), on_token=None, cache=None) -> Generation:
     """One token per forward pass, until a stop token or max_new_tokens.
-    compiled: a compiled.Compiled of this model, to run the steps compiled (the same tokens)."""
+    cache: the KVCache to decode into, at least prompt + max_new_tokens long (default a new one);
+    compiled.CompiledModel, with its cache, runs the same steps compiled."""
     fit_context(model, prompt, max_new_tokens)  # a prompt that does not fit is the caller's to cut
     dev = model.output.weight.device
     n = len(prompt)
-    cache = (compiled.cache(n + max_new_tokens) if compiled else
-             KVCache(model.args, 1, n + max_new_tokens, dev, model.output.weight.dtype))
+    cache = KVCache(model.args, 1, n + max_new_tokens, dev, model.output.weight.dtype) if cache is None else cache
+    if cache.max_len < n + max_new_tokens:
+        raise ValueError(f"the cache holds {cache.max_len} slots; this generation needs {n + max_new_tokens}")
     out = Generation()
     t0 = time.perf_counter()
     ids = torch.tensor([prompt], device=dev)
@@ -131,8 +134,8 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, sampler: Sam
             break
         p = n + step  # the new token's position, and its cache slot
         at = torch.tensor([p], device=dev)
-        logits = (compiled or model)(torch.tensor([[y]], device=dev), at,
-                                     torch.ones(1, 1, p + 1, dtype=torch.bool, device=dev), at, cache)[0, -1]
+        logits = model(torch.tensor([[y]], device=dev), at,
+                       torch.ones(1, 1, p + 1, dtype=torch.bool, device=dev), at, cache)[0, -1]
     sync(dev)
     out.decode_s = time.perf_counter() - t1
     return out
@@ -142,15 +145,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     add_common_args(parser)
+    parser.add_argument("--compile", action="store_true",
+                        help="run the one-token step under torch.compile with static shapes, compiled "
+                             "before decoding (compiled.py; CUDA graphs on a GPU): the same tokens")
     args = parser.parse_args(argv)
     check_common_args(args)
     model, tok = load(args)
     prompt = encode_prompt(args, model, tok)
-    stream = tok.stream()
-    compiled = compiled_for(args, model, length=len(prompt) + args.max_new_tokens)
+    stream, cache = tok.stream(), None
+    if args.compile:  # the one-token step compiled, all shapes static (compiled.py): the same tokens
+        model = CompiledModel(model, static_length(len(prompt) + args.max_new_tokens, model))
+        cache = model.cache
+        print(f"compiled in {model.warm_up():.0f} s", file=sys.stderr)
     out = generate(model, prompt, args.max_new_tokens, Sampler(args.temperature, args.top_p, args.seed),
-                   tok.stop_ids, on_token=lambda ids: print(stream.push(ids), end="", flush=True),
-                   compiled=compiled)
+                   tok.stop_ids, on_token=lambda ids: print(stream.push(ids), end="", flush=True), cache=cache)
     print(f"\n\n{len(out.tokens)} tokens, {out.tokens_per_s:.1f} tokens/s "
           f"({describe_machine(args.device)}, {args.dtype})")
     return out

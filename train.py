@@ -16,24 +16,27 @@ import startup  # noqa: F401  (first: Ctrl-C while Python imports is one line, n
 import argparse
 import math
 import os
+import shlex
 import sys
 import time
 
 import torch
 from tqdm import tqdm
 
-from checkpoint import (DRAFTERS, build_drafter, default_checkpoint, open_checkpoint, save_atomic,
+from checkpoint import (DRAFTERS, SOURCES, build_drafter, default_checkpoint, open_checkpoint, save_atomic,
                         save_checkpoint, verify_checksum)
-from cli import (HelpFormatter, add_common_args, check_common_args, check_writable, describe_machine, float_range,
-                 int_range, list_of, load, run_main, uninterrupted)
+from cli import (DRAFTER_HELP, HelpFormatter, add_common_args, check_common_args, check_writable, describe_machine,
+                 drafter_spec, float_range, int_range, list_of, load, run_main, uninterrupted)
+from compiled import compiler_works
 from data import batches
 from distill import choose_positions, distill_loss, teacher_logprobs
 from evaluate import evaluate_all, format_all
 from frozen import FrozenPasses, frozen_copy
 from plan import Plan
+import tiny
 from replies import load_windows
 from tools import distributed, kernels
-from tools.plan_search import expected_tokens, select_plan
+from tools.plan_search import expected_tokens, select_compiled_plan, select_plan
 from tree import chain
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -201,10 +204,16 @@ def run(args, model, train_windows, held: dict, frozen_model=None, world=(0, 1),
     eval_s, t0 = time.perf_counter() - t0, time.perf_counter()
     sizes = [n for n in args.tree_sizes if n >= 2]  # 1 node, the root alone, accepts nothing
     kernels.apply(drafter)  # time the passes as decoding will run them: the CPU's faster product forms
-    plan, table = (select_plan(model, drafter, accept, sizes) if sizes else (Plan.full(chain(args.k), args.k), None))
+    plan, table, candidates = (select_plan(model, drafter, accept, sizes) if sizes
+                               else (Plan.full(chain(args.k), args.k), None, None))
+    compiled = {}
+    if candidates and args.compiled_finalists and compiler_works(dev):  # the plan compiled decoding runs
+        compiled_plan, compiled_table = select_compiled_plan(model, drafter, accept, candidates,
+                                                             args.compiled_finalists)
+        compiled = {"compiled_plan": compiled_plan.fields(), "compiled_plan_table": compiled_table}
     minutes = {**(minutes or {}), "training": train_s / 60, "evaluation": eval_s / 60,
                "plan": (time.perf_counter() - t0) / 60}
-    out = fields(eval=metrics, accept_rates=accept, **plan.fields(), plan_table=table, minutes=minutes,
+    out = fields(eval=metrics, accept_rates=accept, **plan.fields(), plan_table=table, **compiled, minutes=minutes,
                  machine=describe_machine(dev), finished=True)
     save_checkpoint(out_path, drafter, model, out)
     save_atomic(os.path.splitext(out_path)[0] + ".json", {k: v for k, v in out.items() if k != "optimizer"})
@@ -212,7 +221,9 @@ def run(args, model, train_windows, held: dict, frozen_model=None, world=(0, 1),
     print(f"\n{args.drafter}: {step} steps; this run trained {(train_s - before_s) / 60:.1f} min "
           f"({(train_s - before_s) / max(1, step - first):.2f} s/step); loss {sum(last) / len(last):.3f} (mean of the "
           f"last {len(last)} steps); plan {plan.text()}, expected tau {expected_tokens(plan, accept)[0]:.2f}")
-    print(f"saved {out_path}; try it: python decode.py --drafter-checkpoint {out_path} --show")
+    again = "".join(f" {flag} {shlex.quote(value)}" for flag, value in  # what this run was told to load
+                    (("--model", args.model), ("--drafter", SOURCES.get(args.drafter))) if value)
+    print(f"saved {out_path}; try it: python decode.py{again} --drafter-checkpoint {out_path} --show")
     return out
 
 
@@ -229,8 +240,7 @@ PRESETS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_common_args(p)  # --model --device --dtype --seed --threads (and decoding flags, unused here)
-    p.add_argument("--drafter", default="transfer", choices=list(DRAFTERS),
-                   help="transfer: Hidden Transfer projections; medusa: the Medusa-1 baseline heads")
+    p.add_argument("--drafter", default="transfer", type=drafter_spec, help=DRAFTER_HELP)
     # the data (docs/EXPERIMENTS.md: what each lever bought on a 2-core CPU)
     p.add_argument("--data", default="replies", choices=["replies", "sharegpt"],
                    help="replies: the base model's own replies to ShareGPT's first user turns; sharegpt: "
@@ -274,6 +284,9 @@ def parse_args(argv=None):
     p.add_argument("--top-r", type=int_range(1), default=10, help="draft ranks measured for acceptance rates")
     p.add_argument("--tree-sizes", type=list_of(int_range(1)), default="1,2,3,4,6,8,12,16,24,32",
                    help="tree sizes (nodes, root included) whose plans are timed at the end ('' = keep a chain)")
+    p.add_argument("--compiled-finalists", type=int_range(0), default=3,
+                   help="the best plans of that search compiled and timed again as compiled decoding runs them "
+                        "(bench.py's compiled mode uses the winner); 0: none")
     p.add_argument("--drafter-checkpoint", default=None,
                    help="where the drafter is saved (and --resume reads it); None = checkpoints/<drafter>.pt, "
                         "with a JSON summary beside it")
@@ -281,10 +294,11 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default="runs", help="where the replies are cached")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="gpu: a larger recipe for one GPU " + str(PRESETS["gpu"]))
-    p.set_defaults(**PRESETS.get(p.parse_known_args(argv)[0].preset, {}))  # a preset moves the defaults
+    known = p.parse_known_args(argv)[0]  # a preset, or --model tiny, moves the defaults
+    p.set_defaults(**PRESETS.get(known.preset, {}), **(tiny.TRAIN if known.model == tiny.NAME else {}))
     args = p.parse_args(argv)
     if args.drafter_checkpoint is None:  # "" stays, to be refused by main in one line
-        args.drafter_checkpoint = default_checkpoint(args.drafter)
+        args.drafter_checkpoint = default_checkpoint(args.drafter, args.model)
     args.offset_weights = args.offset_weights or [0.5 ** i for i in range(args.k)]  # 1, 0.5, 0.25, ...
     if len(args.offset_weights) != args.k:
         p.error(f"--offset-weights needs {args.k} numbers (one per offset), got {len(args.offset_weights)}")
@@ -312,6 +326,8 @@ def main(argv=None):
     if args.drafter_checkpoint.endswith(".json"):
         sys.exit(f"error: --drafter-checkpoint {args.drafter_checkpoint}: a checkpoint is not JSON (the JSON "
                  "summary is written beside it); name it .pt")
+    if args.model == tiny.NAME and not args.sharegpt:  # the tiny model learns on synthetic conversations
+        args.sharegpt = tiny.conversations_file(args.cache_dir, args.conversations)
     model, tok = load(args)
     try:
         check_vocab_flags(args, model)

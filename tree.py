@@ -1,4 +1,4 @@
-"""Token trees for one Hidden Transfer step: shapes, buffers, masks, and a data-driven builder.
+"""Token trees for one Hidden Transfer step: shapes, named shapes, buffers and masks.
 
 A tree is a prefix-closed list of rank paths (METHOD.md, "One decoding step"), typed as a path
 string ('0;1;0,0') or by name (SHAPES); from it come the tokens, RoPE positions, cache slots and
@@ -172,8 +172,12 @@ def chain(k: int) -> Tree:
     return Tree([(0,) * j for j in range(1, k + 1)], k=k)
 
 
-# Named shapes, as Medusa names its trees. Rank paths of depth <= 2, so any k >= 2 drafts them; the
-# larger ones are tools/tree_choice.build_tree's best trees for SmolLM2-135M's acceptance rates.
+# Named shapes, as Medusa names its trees: --tree NAME on decode.py and bench.py. Rank paths of depth
+# <= 2, so any k >= 2 drafts them; the larger ones are tools/tree_choice.build_tree's best trees for
+# SmolLM2-135M's acceptance rates. To add one, add a line: "name": [paths]. The naming rule
+# (tests/test_tree.py holds every entry to it): a name has a letter in it (so it never reads as
+# paths) and is not "chain"; a name "tree" + a number N has exactly N nodes, the root included;
+# any other name ("pair", "fan3", "deep5") promises nothing. The paths must be prefix-closed.
 SHAPES = {
     "pair": [(0,)],                                                   # 2 nodes: q_1's top token
     "fan3": [(0,), (1,)],                                             # 3: q_1's top two

@@ -95,8 +95,9 @@ PLANTED = {
          "an ancestor's drafts used unshifted"),
         ("decode.py", "if avail else node_drafts.new_zeros(0, node_drafts.shape[-1])", "if avail else node_drafts[0]",
          "a root-only step replaced by a full tree of the root's stale drafts"),
-        ("decode.py", "tree_pass = compiled.tree_pass if compiled else drafter.tree_pass",
-         "tree_pass = drafter.tree_pass", "the compiled argument ignored: --compile times eager steps")],
+        ("decode.py", "cache = KVCache(model.args, 1, need, dev, dtype) if cache is None else cache",
+         "cache = KVCache(model.args, 1, need, dev, dtype)",
+         "the cache argument ignored: --compile's static cache never decoded into")],
     5: [("distill.py", "kl = (logp.exp() * (logp - logq)).sum(-1)", "kl = (logq.exp() * (logq - logp)).sum(-1)",
          "KL with its arguments swapped"),
         ("distill.py", "rows = (positions[..., None] + torch.arange(1, k + 1, device=h_L.device))",
@@ -244,7 +245,7 @@ def test_all_cut_copy_still_imports_and_runs_its_scripts(tmp_path):
     out = tmp_path / "copy"
     assert run(["assignments/make.py", "all", "--out", str(out)], ROOT).returncode == 0
     r = run(["-c", "import model, tree, transfer, plan, generate, decode, distill, evaluate, replies, train, bench, "
-                   "medusa, tools.analysis, tools.latency, tools.plan_search, tools.compiled"], out)
+                   "medusa, compiled, tools.analysis, tools.latency, tools.plan_search, tools.roofline"], out)
     assert r.returncode == 0, r.stderr
     r = run(["tree.py", "--help"], out)
     assert r.returncode == 0 and "--pseudo" in r.stdout

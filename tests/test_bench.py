@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import bench
+import report
 from checkpoint import save_checkpoint
 from conftest import FakeTokenizer, perturb, tiny
-from generate import Generation, Sampler
-from tools import latency
+from generate import Generation
+from tools import latency, roofline
 from tools.latency import latency_curve, latency_report, paired_times, pass_latency, step_latency
 from medusa import Medusa
 from model import ModelArgs, Transformer
@@ -38,28 +39,28 @@ def test_metrics_of_hand_made_generations():
     # 3 passes accepting 2, 0, 1 drafts: 1 + 3 + 1 + 2 = 7 tokens
     ht = Generation(tokens=list(range(7)), accepted=[2, 0, 1], prefill_s=0.5, decode_s=0.5)
     plain = Generation(tokens=list(range(7)), accepted=[0] * 6, prefill_s=1.0, decode_s=1.0)
-    m = bench.method_metrics([ht], [plain], depth=3)
+    m = report.method_metrics([ht], [plain], depth=3)
     assert m["tau"] == pytest.approx(2.0)
     assert m["alpha"] == pytest.approx([2 / 3, 1 / 2, 0.0])
     assert m["passes"] == 3 and m["ms_per_pass"] == pytest.approx(500 / 3)
     assert m["speedup"]["median"] == pytest.approx(2.0) and m["tokens_per_s"]["median"] == pytest.approx(7.0)
-    p = bench.method_metrics([plain], [plain])
+    p = report.method_metrics([plain], [plain])
     assert p["tau"] == 1.0 and p["alpha"] == [] and p["speedup"]["median"] == 1.0
 
 
 def test_tau_is_pooled_over_prompts_and_spread_is_min_max():
     a = Generation(tokens=[1] * 11, accepted=[4, 4], prefill_s=1, decode_s=1)   # 10 tokens / 2 passes
     b = Generation(tokens=[1] * 3, accepted=[0, 0], prefill_s=1, decode_s=2)    # 2 tokens / 2 passes
-    m = bench.method_metrics([a, b])
+    m = report.method_metrics([a, b])
     assert m["tau"] == pytest.approx(12 / 4)
     assert m["tokens_per_s"] == {"median": pytest.approx(3.25), "min": 1.0, "max": 5.5}
     assert m["speedup"] is None
 
 
 def test_first_difference():
-    assert bench.first_difference([1, 2, 3], [1, 2, 3]) is None
-    assert bench.first_difference([1, 2, 3], [1, 5, 3]) == 1
-    assert bench.first_difference([1, 2], [1, 2, 3]) == 2
+    assert report.first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert report.first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert report.first_difference([1, 2], [1, 2, 3]) == 2
 
 
 # ----------------------------------------------------------------------------- the run
@@ -83,6 +84,38 @@ def test_run_bench_is_lossless_and_reports_every_method_and_category(temperature
     json.dumps(results)  # everything the CLI saves must be plain json
 
 
+def test_compiled_mode_times_every_method_both_ways_and_heads_with_the_fastest_plain():
+    """--modes eager,compiled: each method eagerly and compiled (compiled before timing, nothing
+    recompiled while timing), each compared with plain decoding in its mode, compiled plain with eager
+    plain; the headline names the fastest plain decoder measured and the fastest lossless method."""
+    model = tiny()
+    results = bench.run_bench(model, FakeTokenizer(), methods(model), PROMPTS, 16, modes=("eager", "compiled"),
+                              compiled_plans={"medusa": chain(3)}, backend="aot_eager")
+    names = ["plain", "transfer", "medusa", "plain:compiled", "transfer:compiled", "medusa:compiled"]
+    assert list(results["summary"]) == names and results["mismatches"] == []
+    assert set(results["compile_s"]) == set(names[3:]) and all(t > 0 for t in results["compile_s"].values())
+    assert results["trees"]["medusa"]["size"] == 7 and results["trees"]["medusa:compiled"]["size"] == 4
+    for r in results["runs"]:
+        assert r["methods"]["transfer:compiled"]["tokens"] == r["methods"]["plain:compiled"]["tokens"] \
+            == r["methods"]["plain"]["tokens"]
+    h, s = results["headline"], results["summary"]
+    assert h["fastest_plain"] == max(["plain", "plain:compiled"], key=lambda m: s[m]["tokens_per_s"]["median"])
+    assert h["speedup"] == h["against_fastest_plain"][h["fastest"]]
+    assert h["speedup"]["median"] == max(x["median"] for x in h["against_fastest_plain"].values())
+    text = bench.report(results)
+    assert "Fastest lossless configuration here:" in text and "| transfer:compiled |" in text
+    assert "compiled before timing" in text
+
+
+def test_spread_of_plain_decoding_is_explained_when_a_prompt_is_slow():
+    fast = Generation(tokens=[1] * 20, accepted=[0] * 19, prefill_s=0.1, decode_s=0.9)   # 20 tokens/s
+    short = Generation(tokens=[1] * 4, accepted=[0] * 3, prefill_s=0.2, decode_s=0.15)  # 11.4 tokens/s
+    runs = [{"prompt": i, "category": "c", "load_average": 0.5} for i in range(3)]
+    assert report.spread_note("plain", runs, [fast, fast, fast]) is None
+    note = report.spread_note("plain", runs, [fast, fast, short])
+    assert "prompt 2" in note and "0.57x the median" in note and "short answers" in note
+
+
 def test_second_turn_follows_plain_decodings_answer():
     model, tok = tiny(), FakeTokenizer()
     results = bench.run_bench(model, tok, {"plain": None}, PROMPTS[:1], 6)
@@ -104,7 +137,7 @@ def test_a_wrong_drafter_is_caught_as_a_mismatch():
                               PROMPTS[1:], 16)
     assert results["summary"]["transfer"]["mismatches"] == 2
     assert all(x["class"] == "divergence" for x in results["mismatches"])
-    assert "MISMATCH: transfer on prompt 0 (math, turn 1)" in bench.report(results)
+    assert "MISMATCH: transfer differs from plain on prompt 0 (math, turn 1)" in bench.report(results)
 
 
 def test_ctrl_c_keeps_the_prompts_every_method_finished():
@@ -187,7 +220,8 @@ def one_line_exit(capsys, argv, code=1) -> str:
 
 def test_main_end_to_end(injected, tmp_path, capsys):
     out = tmp_path / "r.json"
-    bench.main(["--untrained", "--prompts", "3", "--both-turns", "--max-new-tokens", "6", "--out", str(out)])
+    bench.main(["--untrained", "--prompts", "3", "--both-turns", "--max-new-tokens", "6", "--modes", "eager",
+                "--out", str(out)])
     saved = json.loads(out.read_text())
     assert list(saved["summary"]) == ["plain", "transfer", "medusa"] and len(saved["runs"]) == 6
     assert list(saved["categories"]) == ["writing", "roleplay", "reasoning"]
@@ -196,10 +230,40 @@ def test_main_end_to_end(injected, tmp_path, capsys):
 
 def test_main_latency(injected, tmp_path, capsys):
     out = tmp_path / "lat.json"
-    bench.main(["--latency", "--untrained", "--methods", "transfer", "--out", str(out)])
+    bench.main(["--latency", "--untrained", "--methods", "transfer", "--modes", "eager", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert [r["nodes"] for r in saved["latency"]["transfer"]["rows"]] == [1, 2, 4, 8, 16, 32, 64]
-    assert "ratio to one-token step" in capsys.readouterr().out
+    assert [r["rows"] for r in saved["rows"]["rows"]] == [1, 2, 4, 8, 16, 32, 64]
+    assert all(r["floor_ms"] > 0 and r["eager_ms"] > 0 for r in saved["rows"]["rows"])
+    assert saved["machine"]["read_gb_s"] > 0 and saved["machine"]["peak_gflop_s"] > 0
+    text = capsys.readouterr().out
+    assert "ratio to one-token step" in text and "The floor:" in text and "pass / floor" in text
+
+
+def test_the_floor_is_the_weights_read_once_or_the_products_at_peak():
+    model = tiny()
+    rates = {"read_gb_s": 1.0, "peak_gflop_s": 1.0}  # made up: 1 byte and 1 flop per ns
+    nbytes, (per_layer, head) = roofline.weight_bytes(model), roofline.layer_params(model)
+    assert nbytes == 4 * sum(p.numel() for p in model.parameters())  # the tied head counted once
+    one = roofline.floor_ms(model, rates, 1)
+    flops = 2 * (per_layer * model.args.n_layers + head)
+    assert one == {"ms": pytest.approx(1e-6 * max(nbytes, flops)), "bound": "memory"}
+    many = roofline.floor_ms(model, rates, 64)
+    assert many == {"ms": pytest.approx(1e-6 * flops * 64), "bound": "compute"}
+    # a tree pass: 4 nodes below the transfer layer 2, 4 + 6 pseudo rows above it and in the head
+    tree = roofline.floor_ms(model, {"read_gb_s": 1e9, "peak_gflop_s": 1.0}, 4, 10, layer=2)
+    assert tree["ms"] == pytest.approx(1e-6 * 2 * (per_layer * (4 * 2 + 10 * 2) + head * 10))
+
+
+def test_rows_curve_times_eager_and_compiled_passes_against_the_floor():
+    model = tiny()
+    rates = roofline.machine("cpu")
+    curve = roofline.rows_curve(model, rates, rows=(1, 3), n_ctx=10, reps=1, backend="aot_eager")
+    assert [r["rows"] for r in curve["rows"]] == [1, 3] and curve["compile_s"] > 0
+    for r in curve["rows"]:
+        assert r["compiled_ratio"] == pytest.approx(r["compiled_ms"] / r["floor_ms"])
+        assert r["eager_ratio"] == pytest.approx(r["eager_ms"] / r["floor_ms"])
+    assert "| 3 |" in roofline.rows_report(curve)
 
 
 def test_missing_checkpoint_is_one_line_and_exit_1(capsys, tmp_path, monkeypatch):
@@ -225,7 +289,7 @@ def test_checkpoints_serve_the_method_of_their_kind(injected, tmp_path, capsys):
     save_checkpoint(str(tmp_path / "t.pt"), perturb(HiddenTransfer(64, 3, 2)), injected, {})
     out = tmp_path / "r.json"
     bench.main(["--drafter-checkpoint", str(tmp_path / "m.pt"), "--drafter-checkpoint", str(tmp_path / "t.pt"),
-                "--prompts", "1", "--max-new-tokens", "6", "--out", str(out)])
+                "--prompts", "1", "--max-new-tokens", "6", "--modes", "eager", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["trees"]["medusa"]["size"] == 3 and saved["trees"]["transfer"]["size"] == 4
     assert saved["mismatches"] == []
@@ -238,7 +302,8 @@ def test_missing_mtbench_package_is_one_line(monkeypatch, capsys):
     assert "MT-Bench is not installed" in err
 
 
-@pytest.mark.parametrize("argv", [["--methods", "plain,eagle"], ["--methods", "transfer"], ["--prompts", "0"]])
+@pytest.mark.parametrize("argv", [["--methods", "plain,eagle"], ["--methods", "transfer"], ["--prompts", "0"],
+                                  ["--modes", "fast"], ["--modes", ""], ["--modes", "eager,eager"]])
 def test_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(argv + ["--untrained"])
@@ -272,37 +337,3 @@ def test_mismatches_are_classified_by_plain_decodings_top2_gap(monkeypatch, mode
     assert (x["gap"] == 0.0) if expected == "near-tie" else x["gap"] > 2e-4
     assert f"{expected}, plain decoding's top-2 logit gap" in bench.report(results)
 
-
-class TiedScores(Transformer):
-    """Sampling at temperature T: every token's logit is -T x the Gumbel noise of the third draw
-    (generate.Sampler), so at token 2 every score log p + g ties: any rounding could pick another."""
-
-    def head(self, h):
-        sampler = Sampler(SAMPLED_T, seed=4)
-        for _ in range(3):
-            g = sampler.draw(self.args.vocab_size)
-        return super().head(h) * 0 + (-SAMPLED_T * g).float()
-
-
-SAMPLED_T = 1.5
-
-
-@pytest.mark.parametrize("model, expected", [(TiedScores(ModelArgs.tiny()).eval(), "near-tie"),
-                                             (tiny(), "divergence")], ids=["tie", "divergence"])
-def test_sampled_mismatches_are_classified_by_the_top2_gap_of_the_sampled_scores(monkeypatch, model, expected):
-    """A sampled token is the argmax of log p + g: a near-tie of those scores is rounding, whatever
-    the logits' own top-2 gap (here every logit differs from the next by about T x 1)."""
-    real_one = bench._one
-
-    def forced(model, method, prompt, *args):
-        out = real_one(model, None, prompt, *args)
-        if method is not None:
-            out.tokens[2] = (out.tokens[2] + 1) % 90
-        return out
-    monkeypatch.setattr(bench, "_one", forced)
-    results = bench.run_bench(model, FakeTokenizer(), {"plain": None, "transfer": (HiddenTransfer(64, 3, 2), chain(3))},
-                              PROMPTS[1:2], 8, SAMPLED_T, 1.0, 4)
-    [x] = results["mismatches"]
-    assert x["position"] == 2 and x["class"] == expected and x["threshold"] == pytest.approx(2e-4 / SAMPLED_T)
-    assert (x["gap"] < 1e-5) if expected == "near-tie" else x["gap"] > 2e-4 / SAMPLED_T
-    assert f"{expected}, plain decoding's top-2 sampled scores' (log p + Gumbel noise) gap" in bench.report(results)

@@ -52,9 +52,12 @@ class FakeTok:
 
 
 def script(name, *argv):
-    """Start `python name argv...` in the repository root, as a user would."""
+    """Start `python name argv...` in the repository root, as a user would at a terminal: with
+    Ctrl-C's default handling, even when these tests run in the background (`nohup ... &`), whose
+    children a shell starts with SIGINT ignored."""
     return subprocess.Popen([sys.executable, os.path.join(ROOT, name), *argv], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def exits(capsys, fn, *argv, code=1) -> str:
@@ -235,7 +238,7 @@ def test_bench_reports_what_it_has_then_exits_130(monkeypatch, tmp_path, capsys)
     monkeypatch.setattr(bench, "_one", one)
     with pytest.raises(SystemExit) as e:
         bench.main(["--untrained", "--methods", "plain,transfer", "--prompts", "3", "--max-new-tokens", "4",
-                    "--out", str(tmp_path / "r.json"), "--device", "cpu",
+                    "--modes", "eager", "--out", str(tmp_path / "r.json"), "--device", "cpu",
                     "--mtbench", mtbench_file(tmp_path / "q.jsonl")])
     saved = json.loads((tmp_path / "r.json").read_text())
     assert e.value.code == 130 and saved["interrupted"] and len(saved["runs"]) == 1

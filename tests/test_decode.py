@@ -229,7 +229,7 @@ def test_accept_draws_once_per_emitted_token():
 # ----------------------------------------------------------------------------- decode.py --show
 
 class CharTok:
-    """Token i is the letter chr(97 + i % 26); 95 the stop token. Enough for decode.Shower."""
+    """Token i is the letter chr(97 + i % 26); 95 the stop token. Enough for decode.DraftMarker."""
     stop_ids = {95}
 
     def decode(self, ids, skip_special=True):
@@ -242,10 +242,10 @@ class CharTok:
 
 @pytest.mark.parametrize("color", [False, True], ids=["piped", "terminal"])
 def test_show_marks_every_accepted_draft(color, capsys):
-    from decode import Shower
+    from decode import DraftMarker
     model, prompt = tiny(3), [4, 8, 15, 16, 23, 42]
     ref = generate(model, prompt, 30, Sampler())
-    show = Shower(CharTok(), color)
+    show = DraftMarker(CharTok(), color)
     out = generate_tree(model, Oracle(model, prompt + ref.tokens), prompt, TREES["chain-3"], 30, Sampler(),
                         on_token=show)
     text = capsys.readouterr().out

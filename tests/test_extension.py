@@ -1,12 +1,16 @@
-"""Extending the method from one file: a new drafter kind, and a Hidden Transfer whose projection is
-a 2-layer MLP, each defined in this file alone, go through the project's real code paths: trained by
-train.py, saved and loaded by checkpoint.py, decoded losslessly by decode.py (greedy and seeded),
-benchmarked by bench.py. Nothing in the project is edited to admit them: they implement
-drafter.Drafter (or subclass transfer.HiddenTransfer) and are registered with checkpoint.register.
+"""Extending the method from outside the project: a drafter class in a file or a module, named on the
+command line as FILE.py:Class or module:Class (checkpoint.drafter_kind), goes through the project's
+real code paths: trained by train.py, saved and loaded by checkpoint.py (which records where the
+class came from), decoded losslessly by decode.py (greedy and seeded), benchmarked by bench.py.
+Nothing in the project is edited to admit them. The first test runs the commands as a user types
+them, on the tiny model; the others use this file's own classes as `test_extension:Class`.
 And: no module imports a project module inside a function.
 """
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,8 @@ import torch.nn as nn
 
 import bench
 import train
-from checkpoint import DRAFTERS, load_drafter, register
+import checkpoint
+from checkpoint import CheckpointError, drafter_kind, load_drafter
 from conftest import FakeTokenizer, fake_windows, tiny
 from decode import generate_tree
 from drafter import Drafter
@@ -75,17 +80,26 @@ def decodes_losslessly_and_benches(model, drafter, plan, tree):
 
 
 @pytest.fixture
-def registered():
-    register(LastHidden)
-    yield LastHidden
-    del DRAFTERS[LastHidden.kind]
+def named():
+    """drafter_kind(spec), as a --drafter flag would call it; the kinds it adds are removed after."""
+    before = dict(checkpoint.DRAFTERS), dict(checkpoint.SOURCES)
+    yield drafter_kind
+    for registry, old in zip((checkpoint.DRAFTERS, checkpoint.SOURCES), before):
+        registry.clear()
+        registry.update(old)
+
+
+@pytest.fixture
+def registered(named):
+    assert named("test_extension:LastHidden") == "last-hidden"
+    return LastHidden
 
 
 def test_a_new_drafter_trains_decodes_and_benches(registered, tmp_path):
     model, path = tiny(), str(tmp_path / "last.pt")
     args = train.parse_args(["--drafter", "last-hidden", "--steps", "8", "--seq-len", "24", "--lr", "1e-2", "--k", "3",
                              "--positions-per-seq", "6", "--warmup", "2", "--eval-every", "0",
-                             "--tree-sizes", "2,4", "--drafter-checkpoint", path])
+                             "--tree-sizes", "2,4", "--compiled-finalists", "0", "--drafter-checkpoint", path])
     out = train.run(args, model, fake_windows(8), fake_windows(2, seed=1))
     assert out["finished"] and len(out["history"]) == 8 and len(out["eval"]["held-out"]["top1"]) == 3
 
@@ -121,17 +135,17 @@ class Residual(nn.Module):
 
 
 @pytest.fixture
-def mlp():
-    register(MLPTransfer)
-    yield MLPTransfer
-    del DRAFTERS[MLPTransfer.kind]
+def mlp(named):
+    assert named("test_extension:MLPTransfer") == "mlp-transfer"
+    return MLPTransfer
 
 
 def test_an_mlp_projection_trains_decodes_losslessly_and_benches(mlp, tmp_path):
     model, path = tiny(), str(tmp_path / "mlp.pt")
     args = train.parse_args(["--drafter", "mlp-transfer", "--steps", "12", "--seq-len", "24", "--lr", "1e-2",
                              "--k", "2", "--transfer-layer", "2", "--positions-per-seq", "6", "--warmup", "2",
-                             "--eval-every", "0", "--tree-sizes", "2,3", "--drafter-checkpoint", path])
+                             "--eval-every", "0", "--tree-sizes", "2,3", "--compiled-finalists", "0",
+                             "--drafter-checkpoint", path])
     out = train.run(args, model, fake_windows(8), fake_windows(2, seed=1))
     assert out["finished"] and out["history"][-1] < out["history"][0]
 
@@ -142,9 +156,106 @@ def test_an_mlp_projection_trains_decodes_losslessly_and_benches(mlp, tmp_path):
     decodes_losslessly_and_benches(model, drafter, plan, Tree.parse("tree4", k=2))
 
 
-def test_the_new_kind_is_a_choice_of_every_script(registered):
-    assert train.parse_args(["--drafter", "last-hidden"]).drafter_checkpoint == "checkpoints/last-hidden.pt"
-    assert bench.parse_args(["--methods", "plain,last-hidden"]).methods == ["plain", "last-hidden"]
+def test_the_new_kind_is_a_choice_of_every_script(named):
+    args = train.parse_args(["--drafter", "test_extension:LastHidden"])
+    assert args.drafter == "last-hidden" and args.drafter_checkpoint == "checkpoints/last-hidden.pt"
+    assert checkpoint.SOURCES["last-hidden"] == "test_extension:LastHidden"
+    assert bench.parse_args(["--methods", "plain,test_extension:LastHidden"]).methods == ["plain", "last-hidden"]
+    assert bench.parse_args(["--methods", "plain,last-hidden"]).methods == ["plain", "last-hidden"]  # named now
+
+
+# ----------------------------------------------------------------------------- from the command line
+
+ROOT = Path(__file__).resolve().parent.parent
+MINE = '''
+import torch.nn as nn
+from transfer import HiddenTransfer
+
+
+class Mine(HiddenTransfer):
+    """Hidden Transfer with a rank-16 projection (W_i = B_i A: one A shared by the offsets)."""
+    kind = "mine"
+
+    def projection(self, dim, k, bias):
+        return nn.Sequential(nn.Linear(dim, 16, bias=False), nn.Linear(16, k * dim, bias=bias))
+'''
+
+
+def shell(command: str, cwd) -> subprocess.CompletedProcess:
+    """`command` in bash, in `cwd`, with $TMPDIR = cwd and $R = the repository, as a user types it."""
+    env = {**os.environ, "TMPDIR": str(cwd), "R": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", "-c", command.replace("python ", f"{sys.executable} ")], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_drafter_in_a_file_outside_the_repository_trains_decodes_and_benches(tmp_path):
+    (tmp_path / "mine.py").write_text(MINE)
+    train_run = shell('python $R/train.py --model tiny --drafter "$TMPDIR/mine.py:Mine" --steps 30 --threads 1', tmp_path)
+    assert train_run.returncode == 0, train_run.stderr[-2000:]
+    saved = torch.load(tmp_path / "checkpoints/tiny/mine.pt", weights_only=True)  # plain data: no code runs
+    assert saved["kind"] == "mine" and saved["source"] == f"{tmp_path}/mine.py:Mine"
+
+    decoded = shell('python $R/decode.py --model tiny --drafter "$TMPDIR/mine.py:Mine" --check --show '
+                    '--max-new-tokens 40 --threads 1', tmp_path)
+    assert decoded.returncode == 0 and "(mine), plan" in decoded.stderr, decoded.stderr[-2000:]
+    assert "tokens identical to plain decoding: yes" in decoded.stdout, decoded.stdout
+    benched = shell('python $R/bench.py --model tiny --methods "plain,$TMPDIR/mine.py:Mine" --prompts 2 '
+                    '--max-new-tokens 16 --modes eager --threads 1 --out "$TMPDIR/bench.json"', tmp_path)
+    assert benched.returncode == 0 and "| mine |" in benched.stdout, benched.stderr[-2000:]
+    assert '"mismatches": []' in (tmp_path / "bench.json").read_text().replace("\n", "")
+
+    # the checkpoint alone does not run the file: the class must be named, and be there
+    unnamed = shell("python $R/decode.py --model tiny --drafter-checkpoint checkpoints/tiny/mine.pt", tmp_path)
+    assert unnamed.returncode == 1 and unnamed.stderr.strip().splitlines() == [
+        f"error: checkpoints/tiny/mine.pt holds a mine drafter whose class is {tmp_path}/mine.py:Mine: name it "
+        f"to load it (--drafter {tmp_path}/mine.py:Mine; bench.py: --methods plain,{tmp_path}/mine.py:Mine)"]
+    (tmp_path / "mine.py").rename(tmp_path / "moved.py")
+    gone = shell('python $R/decode.py --model tiny --drafter "$TMPDIR/mine.py:Mine"', tmp_path)
+    assert gone.returncode == 2 and "Traceback" not in gone.stderr
+    assert gone.stderr.strip().splitlines()[-1].endswith(f"there is no file {tmp_path}/mine.py")
+
+
+@pytest.mark.parametrize("text, spec, message", [
+    (None, "absent.py:Mine", "there is no file .*absent.py"),
+    ("x = 1\n", "{}:Mine", "has no class Mine that subclasses drafter.Drafter"),
+    ("class Mine:\n    pass\n", "{}:Mine", "has no class Mine that subclasses drafter.Drafter"),
+    ("def broken(:\n", "{}:Mine", r"importing .* failed: SyntaxError: .*line 1\)$"),
+    ("import nowhere_to_be_found\n", "{}:Mine", r"failed: ModuleNotFoundError: .*nowhere_to_be_found.*line 1\)$"),
+    ("import json\njson.loads('{')\n", "{}:Mine", r"failed: JSONDecodeError: .*d\.py, line 2\)$"),  # its line, not json's
+    ("from transfer import HiddenTransfer\nclass Mine(HiddenTransfer):\n    kind = 'medusa'\n", "{}:Mine",
+     "its kind 'medusa' is taken"),
+    (None, "no_such_module_here:Mine", "failed: ModuleNotFoundError"),
+    (None, "eagle", "unknown drafter 'eagle': give a kind"),
+])
+def test_a_bad_drafter_spec_is_one_line(named, tmp_path, text, spec, message):
+    if text is not None:
+        (tmp_path / "d.py").write_text(text)
+    with pytest.raises(ValueError, match=message) as e:
+        named(spec.format(tmp_path / "d.py") if "{}" in spec else str(tmp_path / spec) if ".py" in spec else spec)
+    assert "\n" not in str(e.value)
+
+
+def test_a_class_without_a_kind_of_its_own_is_named_after_itself(named, tmp_path):
+    """A subclass of HiddenTransfer inherits kind "transfer": it gets "mine2", and never replaces
+    the project's own Hidden Transfer; the same file named twice is imported once."""
+    (tmp_path / "m.py").write_text("from transfer import HiddenTransfer\nclass Mine2(HiddenTransfer):\n    pass\n")
+    assert named(f"{tmp_path}/m.py:Mine2") == "mine2" == named(f"{tmp_path}/m.py:Mine2")
+    assert checkpoint.DRAFTERS["transfer"] is HiddenTransfer and checkpoint.DRAFTERS["mine2"].title == "Mine2"
+    assert named("transfer:HiddenTransfer") == "transfer" and "transfer" not in checkpoint.SOURCES  # the project's own
+
+
+def test_a_checkpoint_needs_the_class_it_was_trained_with(named, tmp_path):
+    model = tiny()
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.py").write_text("from transfer import HiddenTransfer\nclass Mine(HiddenTransfer):\n"
+                                             "    kind = 'mine'\n")
+    named(f"{tmp_path}/a.py:Mine")
+    path = str(tmp_path / "a.pt")
+    checkpoint.save_checkpoint(path, checkpoint.DRAFTERS["mine"].for_model(model, 2), model, {})
+    assert load_drafter(model, path, "mine")[0].kind == "mine"
+    checkpoint.SOURCES["mine"] = f"{tmp_path}/b.py:Mine"  # as if another file of the same kind were named
+    with pytest.raises(CheckpointError, match=f"whose class is {tmp_path}/a.py:Mine: name it"):
+        load_drafter(model, path, "mine")
 
 
 def test_no_function_imports_a_project_module():

@@ -12,7 +12,7 @@ from decode import generate_tree
 from generate import Sampler, generate
 from medusa import Medusa
 from plan import Plan
-from tools.compiled import Compiled
+from compiled import CompiledDrafter, CompiledModel, no_recompiles, static_length
 from transfer import HiddenTransfer
 from tree import Tree
 
@@ -57,15 +57,17 @@ def test_a_nan_inf_or_huge_drafter_decodes_what_plain_decoding_emits(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
 def test_a_nan_inf_or_huge_drafter_decodes_what_plain_decoding_emits_compiled(dtype):
-    """The compiled tree step (tools/compiled.py: a StaticCache, masks as wide as the cache) too.
+    """The compiled step (compiled.py: a StaticCache, masks as wide as the cache) too.
     (Seed 1: in bf16 seed 0's compiled plain decoding already differs from eager's, drafter or not.)"""
     model = tiny(1, n_layers=3).to(dtype)
     drafter = perturb(HiddenTransfer(model.args.dim, 3, 1)).to(dtype)
-    compiled = Compiled(model, drafter, backend="aot_eager")
-    compiled.warm_up(len(PROMPT) + 20, PLAN)
+    cm = CompiledModel(model, static_length(len(PROMPT) + 20 + PLAN.tree.size, model, quantum=64),
+                       backend="aot_eager")
+    cd = CompiledDrafter(drafter, cm, PLAN)
+    cm.warm_up(), cd.warm_up()
     ref = generate(model, PROMPT, 20, Sampler()).tokens
     for value in VALUES:
         poisoned(drafter, value, dtype)  # in place: the compiled graphs read these same parameters
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            out = generate_tree(model, drafter, PROMPT, PLAN, 20, Sampler(), compiled=compiled)
+        with no_recompiles():
+            out = generate_tree(cm, cd, PROMPT, PLAN, 20, Sampler(), cache=cm.cache)
         assert out.tokens == ref, value

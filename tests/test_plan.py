@@ -8,6 +8,7 @@ from conftest import Oracle, check_cache, random_transfer, tiny
 from decode import generate_tree
 from generate import Sampler, generate
 from plan import Plan
+from tools import latency, plan_search
 from tools.plan_search import ROOT_ONLY, choose_plan, expected_tokens
 from tools.tree_choice import build_tree, expected_tau
 from tree import Tree, chain
@@ -116,6 +117,41 @@ def test_choose_plan_follows_the_cost():
     # every candidate's tau and cost are what expected_tokens says
     for plan, tau, seconds in rows[:5]:
         assert (tau, seconds) == pytest.approx(expected_tokens(plan, ACCEPT, free))
+
+
+def test_the_compiled_plan_is_chosen_among_the_eager_finalists_by_compiled_timing(monkeypatch):
+    """select_compiled_plan compiles the best eager candidates (distinct pass shapes only) and
+    ranks them by their compiled pass time against a compiled one-token step."""
+    model = tiny()
+    drafter = random_transfer(model, 2)
+    candidates = choose_plan(ACCEPT, [2, 4, 8], 3, lambda plan: 1.0 + 0.1 * plan.tree.size)[1]
+    timed = []
+    real = plan_search.paired_times
+
+    def paired(first, second, device, reps):  # made up: a pass costs what its rows say, a step 1
+        rows = first.plan.tree.size + first.plan.pseudo_rows
+        timed.append(first.plan)
+        real(first, second, device, 1)  # the real calls run too, compiled
+        return 1.0 + 0.5 * rows, 1.0
+    monkeypatch.setattr(plan_search, "paired_times", paired)
+    monkeypatch.setattr(plan_search, "tree_step", lambda m, d, plan, n_ctx, cache: _Step(
+        latency.tree_step(m, d, plan, n_ctx, cache), plan))
+    plan, table = plan_search.select_compiled_plan(model, drafter, ACCEPT, candidates, 3, n_ctx=8, reps=1,
+                                                   backend="aot_eager")
+    shapes = [(p.tree.size, p.pseudo_rows) for p in timed]
+    assert len(timed) == 3 and len(set(shapes)) == 3
+    ranked = sorted(candidates, key=lambda r: -r[1] / r[2])
+    assert timed[0].text() == ranked[0][0].text()  # the eager winner is always among them
+    best = max(table["rows"], key=lambda r: r["speedup"])
+    assert plan.text() == best["plan"] and best["speedup"] == pytest.approx(best["tau"] / best["ratio"])
+
+
+class _Step:  # a timed function that says which plan it runs
+    def __init__(self, fn, plan):
+        self.fn, self.plan = fn, plan
+
+    def __call__(self):
+        self.fn()
 
 
 # ----------------------------------------------------------------------------- decoding with a plan

@@ -8,7 +8,7 @@ import pytest
 
 import bench
 from conftest import FakeTokenizer, perturb, tiny
-from tools import results
+from tools import results, roofline
 from tools.latency import latency_curve
 from transfer import HiddenTransfer
 from tree import chain
@@ -22,8 +22,10 @@ def measured(tmp_path):
     b = bench.run_bench(model, FakeTokenizer(), {"plain": None, "transfer": (drafter, chain(3))},
                         [("writing", ["Write a poem."]), ("math", ["What is 2 + 2?"])], 8)
     (tmp_path / "results.json").write_text(json.dumps(b))
-    lat = {"env": {"machine": "a test CPU", "dtype": "float32"},
-           "latency": {"transfer": latency_curve(model, drafter, sizes=(1, 2), reps=1)}}
+    rates = {"read_gb_s": 10.0, "peak_gflop_s": 100.0}
+    lat = {"env": {"machine": "a test CPU", "dtype": "float32"}, "machine": rates,
+           "rows": roofline.rows_curve(model, rates, rows=(1, 2), n_ctx=8, reps=1, compiled=False),
+           "latency": {"transfer": latency_curve(model, drafter, sizes=(1, 2), reps=1, rates=rates)}}
     (tmp_path / "latency.json").write_text(json.dumps(lat))
     metrics = {"top1": [0.5, 0.25], "top5": [0.75, 0.5], "kl": [2.0, 3.0], "tau_chain": 1.62, "targets": 100}
     train = {"step": 10, "train_args": {"steps": 10, "data": "replies", "k": 2, "lr": 3e-3, "transfer_layer": None,
@@ -43,7 +45,8 @@ def test_every_section_comes_from_its_file(measured, capsys):
                          "--out", str(out)])
     assert out.read_text() == text
     assert "## Held-out acceptance" in text and "| transfer | replies | own | 0.50 / 0.25 |" in text
-    assert "`0 [nodes 0,1 x 1]`" in text and "## What a verification pass costs" in text
+    assert "`0 [nodes 0,1 x 1]`" in text and "## What a pass costs, against the floor" in text
+    assert "| 2 | " in text and "eager / floor" in text and "pass / floor" in text
     assert "## The benchmark" in text and "| writing |" in text and "| transfer |" in text
     assert "## Not measured yet" in text and "python tools/hf_baseline.py" in text  # the missing file, named
     try:

@@ -1,12 +1,20 @@
 """generate.Sampler: seeded draws that a batched pass's rounding cannot move, exact, finite at any
-temperature. (Seeded Hidden Transfer against seeded plain sampling is tests/test_decode.py's.)"""
+temperature, and how bench.py classifies a sampled mismatch. (Seeded Hidden Transfer against seeded
+plain sampling is tests/test_decode.py's.)"""
 
 import math
 
+import pytest
 import torch
 
+import bench
+from conftest import FakeTokenizer, tiny
 from generate import Sampler
+from model import ModelArgs, Transformer
+from test_bench import PROMPTS
 from tools.ties import RecordingSampler, threshold
+from transfer import HiddenTransfer
+from tree import chain
 
 
 def two_passes(V=1000, seed=0, delta=2e-5):
@@ -71,3 +79,38 @@ def test_the_recorded_gap_is_the_gap_that_decides_the_sampled_token():
         nudged[top.indices[1]] += 1.5 * gap * 0.99  # just under the gap (in logits: x temperature)
         assert Sampler(1.5, seed=seed)(nudged) == y
     assert threshold(torch.float32, 1.5) == 2e-4 / 1.5
+
+
+class TiedScores(Transformer):
+    """Sampling at temperature T: every token's logit is -T x the Gumbel noise of the third draw
+    (generate.Sampler), so at token 2 every score log p + g ties: any rounding could pick another."""
+
+    def head(self, h):
+        sampler = Sampler(SAMPLED_T, seed=4)
+        for _ in range(3):
+            g = sampler.draw(self.args.vocab_size)
+        return super().head(h) * 0 + (-SAMPLED_T * g).float()
+
+
+SAMPLED_T = 1.5
+
+
+@pytest.mark.parametrize("model, expected", [(TiedScores(ModelArgs.tiny()).eval(), "near-tie"),
+                                             (tiny(), "divergence")], ids=["tie", "divergence"])
+def test_sampled_mismatches_are_classified_by_the_top2_gap_of_the_sampled_scores(monkeypatch, model, expected):
+    """A sampled token is the argmax of log p + g: a near-tie of those scores is rounding, whatever
+    the logits' own top-2 gap (here every logit differs from the next by about T x 1)."""
+    real_one = bench._one
+
+    def forced(model, method, prompt, *args):
+        out = real_one(model, None, prompt, *args)
+        if method is not None:
+            out.tokens[2] = (out.tokens[2] + 1) % 90
+        return out
+    monkeypatch.setattr(bench, "_one", forced)
+    results = bench.run_bench(model, FakeTokenizer(), {"plain": None, "transfer": (HiddenTransfer(64, 3, 2), chain(3))},
+                              PROMPTS[1:2], 8, SAMPLED_T, 1.0, 4)
+    [x] = results["mismatches"]
+    assert x["position"] == 2 and x["class"] == expected and x["threshold"] == pytest.approx(2e-4 / SAMPLED_T)
+    assert (x["gap"] < 1e-5) if expected == "near-tie" else x["gap"] > 2e-4 / SAMPLED_T
+    assert f"{expected}, plain decoding's top-2 sampled scores' (log p + Gumbel noise) gap" in bench.report(results)

@@ -29,7 +29,8 @@ def load_checkpoint(path, model):
 def args_for(tmp_path, *flags):
     return train.parse_args(["--seq-len", str(T), "--positions-per-seq", "6", "--transfer-layer", "2", "--k", "3",
                              "--lr", "1e-2", "--warmup", "2", "--eval-every", "0", "--tree-sizes", "2,3",
-                             "--drafter-checkpoint", str(tmp_path / "drafter.pt"), *flags])
+                             "--compiled-finalists", "0", "--drafter-checkpoint", str(tmp_path / "drafter.pt"),
+                             *flags])
 
 
 def random_drafter(kind, model, seed=0):

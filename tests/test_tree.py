@@ -6,6 +6,7 @@ their columns line up with the model's [cache slots | ephemeral tokens] layout.
 """
 
 import random
+import re
 from argparse import Namespace
 
 import pytest
@@ -119,16 +120,32 @@ def test_parse_and_top_r():
         Tree.parse("0;a")
 
 
-def test_named_shapes():
-    """SHAPES: a few trees by name, each valid for any k >= 2, growing with its name."""
+def follows_the_naming_rule(name, paths):
+    """tree.py's rule for SHAPES: a letter in the name, not "chain"; treeN has N nodes; the paths
+    are prefix-closed and Tree.parse(name) gives them."""
+    t = Tree.parse(name, k=max(len(p) for p in paths))
+    assert t.paths[1:] == sorted(paths, key=lambda p: (len(p), p)), name
+    assert name != "chain" and re.search("[a-zA-Z]", name), name
+    if re.fullmatch(r"tree\d+", name):
+        assert t.size == int(name.removeprefix("tree")), f"{name} has {t.size} nodes"
+
+
+def test_named_shapes(monkeypatch):
+    """SHAPES: a few trees by name, the built-in ones valid for any k >= 2; a learner's one-line
+    shape of another name or depth is welcome, and a treeN of the wrong size is not."""
     from tree import SHAPES
     for name, paths in SHAPES.items():
-        t = Tree.parse(name, k=2)
-        assert t.paths[1:] == sorted(paths, key=lambda p: (len(p), p)) and t.depth <= 2
-        assert name == "pair" or name == "fan3" or t.size == int(name.removeprefix("tree"))
+        follows_the_naming_rule(name, paths)
+        assert Tree.parse(name, k=2).depth <= 2
     assert Tree.parse("pair", k=2).paths == [(), (0,)] and Tree.parse(" tree4 ", k=3).size == 4
     with pytest.raises(ValueError, match="depth 2 but the drafts reach only k=1"):
         Tree.parse("tree4", k=1)
+    monkeypatch.setitem(SHAPES, "deep", [(0,), (0, 0), (0, 0, 0)])  # one line in tree.py
+    follows_the_naming_rule("deep", SHAPES["deep"])
+    assert Tree.parse("deep", k=3).depth == 3
+    monkeypatch.setitem(SHAPES, "tree5", [(0,), (1,), (0, 0)])  # 4 nodes
+    with pytest.raises(AssertionError, match="tree5 has 4 nodes"):
+        follows_the_naming_rule("tree5", SHAPES["tree5"])
 
 
 def test_to_moves_a_copy():

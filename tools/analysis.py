@@ -25,11 +25,12 @@ import torch.nn.functional as F
 import train
 from checkpoint import build_drafter, open_checkpoint, save_atomic, save_checkpoint, verify_checksum
 from cli import HelpFormatter, check_common_args, describe_machine, int_range, list_of, load, run_main
+from compiled import compiler_works
 from evaluate import fixed_positions, format_all
 from model import KVCache, causal_mask
 from replies import load_windows
 from tools import kernels
-from tools.plan_search import select_plan
+from tools.plan_search import select_compiled_plan, select_plan
 
 # ----------------------------------------------------------------------------- the tree, again
 
@@ -49,12 +50,16 @@ def retime_plan(model, path, sizes):
             raise ValueError(f"{summary} holds a JSON {type(fields).__name__}, not train.py's summary; "
                              "move it away and rerun")
     kernels.apply(drafter)  # time the passes as decoding will run them
-    plan, table = select_plan(model, drafter, ckpt["accept_rates"], [n for n in sizes if n >= 2])
+    plan, table, candidates = select_plan(model, drafter, ckpt["accept_rates"], [n for n in sizes if n >= 2])
     ckpt.update(**plan.fields(), plan_table=table)
+    if compiler_works(model.output.weight.device):  # and the plan compiled decoding runs (train.py's choice)
+        compiled_plan, compiled_table = select_compiled_plan(model, drafter, ckpt["accept_rates"], candidates)
+        ckpt.update(compiled_plan=compiled_plan.fields(), compiled_plan_table=compiled_table)
     save_checkpoint(path, drafter, model, {k: v for k, v in ckpt.items()
                                            if k not in ("kind", "config", "identity", "state_dict", "checksum")})
     if fields is not None:
         save_atomic(summary, {**fields, **plan.fields(), "plan_table": table,
+                              **{k: ckpt[k] for k in ("compiled_plan", "compiled_plan_table") if k in ckpt},
                               "machine": describe_machine(model.output.weight.device)})
     print(f"saved the plan in {path}")
 

@@ -4,7 +4,7 @@ GPU, written as markdown and JSON to a folder, in at most about 8 minutes on one
 Sections: the environment; the CUDA tests; the pass cost per tree size against a one-token step
 (SmolLM2-135M, and a Llama-2-7B-shaped model with random weights), eager and compiled, bf16; plain
 decoding tokens/s, eager and compiled; a short `train.py --preset gpu` of both drafters (which also
-chooses their plans by timing passes here: plan_search.select_plan); `bench.py --device cuda --compile`.
+chooses their plans by timing passes here: plan_search.select_plan); `bench.py --device cuda` (eager and compiled).
 Whatever needs the real model or data is skipped, with a note, where they are absent. `--device
 cpu` is a dry run at tiny sizes (CI runs it). docs/GPU.md says how to get the files there.
 """
@@ -26,12 +26,12 @@ import startup  # noqa: F401  (first: Ctrl-C while Python imports is one line, n
 import torch
 
 from cli import HelpFormatter, float_range, int_range, run_main
+from compiled import CompiledDrafter, CompiledModel, no_recompiles, static_length
 from generate import Sampler, generate
 from model import ModelArgs, Transformer
 from plan import Plan
 from transfer import HiddenTransfer
 from tools.tree_choice import build_tree
-from tools.compiled import Compiled
 from tools.latency import CONTEXT, latency_curve, made_up_accept, paired_times, plain_step, tree_step
 from weights import default_model_path, load_model
 
@@ -74,24 +74,21 @@ def random_model(args: ModelArgs, device, dtype) -> Transformer:
 
 @torch.no_grad()
 def compiled_curve(model, drafter, sizes, reps, backend, n_ctx=CONTEXT) -> dict:
-    """Like latency.latency_curve, through compiled.Compiled: a one-token step, then a pass per tree
-    size (the same trees, every node carrying pseudo tokens: plan.Plan.full), each timed against the
-    same call made eagerly, in alternation ("eager_ms": the compiled speedup is their ratio)."""
-    dev = model.output.weight.device
-    c = Compiled(model, drafter, backend=backend)
-    cache = c.cache(n_ctx + max(sizes) + 1)
-    at, token = torch.tensor([n_ctx], device=dev), torch.ones(1, 1, dtype=torch.long, device=dev)
-    mask = torch.ones(1, 1, n_ctx + 1, dtype=torch.bool, device=dev)                 # (1, 1, n_ctx + 1)
-    t0 = time.perf_counter()
-    c.warm_up(cache.max_len)  # the same bucket as `cache`: compiles the step once
-    eager, step = paired_times(plain_step(model, n_ctx), lambda: c(token, at, mask, at, cache), dev, reps)
+    """Like latency.latency_curve, through compiled.py's static-shape stand-ins: a one-token step,
+    then a pass per tree size (the same trees, every node carrying pseudo tokens: plan.Plan.full),
+    each timed against the same call made eagerly, in alternation ("eager_ms": the compiled speedup
+    is their ratio)."""
+    dev, t0 = model.output.weight.device, time.perf_counter()
+    cm = CompiledModel(model, static_length(n_ctx + max(sizes) + 1, model), backend=backend)
+    cm.warm_up()
+    eager, step = paired_times(plain_step(model, n_ctx), plain_step(cm, n_ctx, cm.cache), dev, reps)
     curve = {"n_ctx": n_ctx, "reps": reps, "step_ms": 1000 * step, "eager_step_ms": 1000 * eager, "rows": []}
     for n in sizes:
         plan = Plan.full(build_tree(made_up_accept(drafter.k), n), drafter.k)
-        compiled = tree_step(model, drafter, plan, n_ctx, tree_pass=c.tree_pass, cache=cache)
-        for _ in range(3):  # compile and capture
-            compiled()
-        eager, ms = paired_times(tree_step(model, drafter, plan, n_ctx), compiled, dev, reps)
+        cd = CompiledDrafter(drafter, cm, plan)
+        cd.warm_up()
+        eager, ms = paired_times(tree_step(model, drafter, plan, n_ctx), tree_step(cm, cd, plan, n_ctx, cm.cache),
+                                 dev, reps)
         curve["rows"].append({"nodes": n, "ms": 1000 * ms, "ratio": ms / step, "eager_ms": 1000 * eager})
     curve["compile_s"] = time.perf_counter() - t0
     return curve
@@ -102,14 +99,15 @@ def plain_speed(model, new_tokens, backend, rounds: int = 3) -> dict:
     """Plain decoding tokens/s from a 64-token prompt (no stop token), eager and compiled in
     alternation, `rounds` generations each: the median of each, and whether they emit the same tokens."""
     prompt, speeds, tokens = list(range(1, 65)), {"eager": [], "compiled": []}, {}
-    c = Compiled(model, backend=backend)
-    c.warm_up(len(prompt) + new_tokens)
+    cm = CompiledModel(model, static_length(len(prompt) + new_tokens, model), backend=backend)
+    cm.warm_up()
     generate(model, prompt, 4, Sampler())  # eager warm-up
-    for _ in range(rounds):
-        for name, compiled in (("eager", None), ("compiled", c)):
-            g = generate(model, prompt, new_tokens, Sampler(), compiled=compiled)
-            speeds[name].append((len(g.tokens) - 1) / g.decode_s)
-            tokens[name] = g.tokens
+    with no_recompiles():
+        for _ in range(rounds):
+            for name, m, cache in (("eager", model, None), ("compiled", cm, cm.cache)):
+                g = generate(m, prompt, new_tokens, Sampler(), cache=cache)
+                speeds[name].append((len(g.tokens) - 1) / g.decode_s)
+                tokens[name] = g.tokens
     out = {name: {"tokens": len(tokens[name]), "decode_tokens_per_s": statistics.median(s), "runs": s}
            for name, s in speeds.items()}
     out["same_tokens"] = tokens["eager"] == tokens["compiled"]
@@ -251,7 +249,7 @@ def main(argv=None):
         results["sections"]["bench"] = run_script(
             [py, "bench.py", *common, "--methods", "plain,transfer,medusa",
              "--out", os.path.join(args.out, "bench.json"), "--prompts", "1" if dry else "4",
-             "--max-new-tokens", "8" if dry else "96", *([] if dry else ["--compile"]),
+             "--max-new-tokens", "8" if dry else "96", *(["--modes", "eager"] if dry else []),
              *([a for c in ckpts.values() for a in ("--drafter-checkpoint", c)] if trained else ["--untrained"])]
             + (["--mtbench", args.mtbench] if args.mtbench else []), os.path.join(args.out, "bench.log"),
             min(240, left()))

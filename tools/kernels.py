@@ -1,7 +1,7 @@
 """The faster form of x @ W.T on this CPU, measured, and applied to a model from outside it.
 
 x @ W.T has two forms, F.linear and (W @ x.T).T, and which is faster depends on the CPU, its BLAS,
-the dtype and the number of rows: on one 2-core AMD EPYC (AVX-512) the transposed form is up to 3x
+the dtype and the number of rows: on one 2-core AMD EPYC the transposed form is up to 3x
 faster in fp32 for the 1-4 rows of decoding and slower from 16 rows on; on a 2-core Intel Xeon (MKL)
 F.linear wins. So the first product of a new weight shape times both forms at every row bucket,
 on a ring of weight copies larger than the last-level cache (in a pass the weights come from memory;

@@ -47,14 +47,13 @@ def paired_times(first, second, device, reps: int) -> tuple:
     return statistics.median(times[0][1:]), statistics.median(times[1][1:])
 
 
-def tree_step(model, drafter, plan: Plan | Tree, n_ctx: int = CONTEXT, tree_pass=None, cache=None):
+def tree_step(model, drafter, plan: Plan | Tree, n_ctx: int = CONTEXT, cache=None):
     """A function running one decoding step's model work with `plan` (a bare Tree: plan.Plan.full)
-    after n_ctx cached tokens, as in decode.generate_tree: drafter.tree_pass with the plan's pseudo
-    tokens, then drafter.step_logits (the verifying and the draft logits). The cache holds zeros:
-    its values do not change the cost. gpu_check passes a compiled.Compiled's tree_pass and cache."""
+    after n_ctx cached tokens, as in decode.generate_tree: drafter.step, the pass over the tree and
+    the plan's pseudo tokens with its verifying and draft logits. The cache holds zeros: its values
+    do not change the cost. For compiled.py's stand-ins pass the CompiledModel's cache."""
     plan = plan if isinstance(plan, Plan) else Plan.full(plan, drafter.k)
     w = model.output.weight
-    tree_pass = tree_pass or drafter.tree_pass
     if cache is None:
         cache = KVCache(model.args, 1, n_ctx + plan.tree.size, w.device, w.dtype)
     tokens = torch.randint(model.args.vocab_size, (1, plan.tree.size), device=w.device)
@@ -62,16 +61,16 @@ def tree_step(model, drafter, plan: Plan | Tree, n_ctx: int = CONTEXT, tree_pass
 
     @torch.no_grad()
     def step():
-        hidden, states = tree_pass(model, tokens, tree.positions(n_ctx), tree.mask, n_ctx, cache,
-                                   nodes=nodes, depth=plan.depth)
-        drafter.step_logits(model, hidden, states)
+        drafter.step(model, tokens, tree.positions(n_ctx), tree.mask, n_ctx, cache, nodes=nodes, depth=plan.depth)
     return step
 
 
-def plain_step(model, n_ctx: int = CONTEXT):
-    """A function running one plain decoding step after n_ctx cached tokens: one token, all layers, head."""
+def plain_step(model, n_ctx: int = CONTEXT, cache=None):
+    """A function running one plain decoding step after n_ctx cached tokens: one token, all layers,
+    head. For a compiled.CompiledModel pass its cache."""
     w = model.output.weight
-    cache = KVCache(model.args, 1, n_ctx + 1, w.device, w.dtype)
+    if cache is None:
+        cache = KVCache(model.args, 1, n_ctx + 1, w.device, w.dtype)
     token, at = torch.tensor([[1]], device=w.device), torch.tensor([n_ctx], device=w.device)
     mask = torch.ones(1, 1, n_ctx + 1, dtype=torch.bool, device=w.device)  # (1, 1, n_ctx + 1)
 
@@ -96,36 +95,51 @@ def made_up_accept(k: int, top_r: int = 8) -> list:
     return [[0.5 * 0.8 ** j * 0.5 ** r for r in range(top_r)] for j in range(k)]
 
 
-def latency_curve(model, drafter, accept=None, sizes=SIZES, n_ctx: int = CONTEXT, reps: int = REPS) -> dict:
+def latency_curve(model, drafter, accept=None, sizes=SIZES, n_ctx: int = CONTEXT, reps: int = REPS,
+                  rates: dict | None = None) -> dict:
     """{"step_ms", "rows": [{"nodes", "ms", "ratio", "tau", "speedup", "paths"}]}: for each size the best
     tree (tree_choice.build_tree) under the measured `accept` rates (k, top_r), timed against a one-token step.
     With no rates the trees come from a made-up table, and tau and speedup stay None: they would be
-    made up too. Ctrl-C stops early and returns what was measured, with "interrupted" set."""
+    made up too. Given the machine's `rates` (tools/roofline.machine), each row also has its floor
+    ("floor_ms") and the one-token step's ("step_floor_ms"). Ctrl-C stops early and returns what was
+    measured, with "interrupted" set."""
+    from tools.roofline import floor_ms  # roofline times passes with this file's helpers
     table = accept or made_up_accept(drafter.k)
+    layer = getattr(drafter, "layer", model.args.n_layers)  # where pseudo rows join (Medusa: after the last)
     curve = {"n_ctx": n_ctx, "reps": reps, "step_ms": None, "rows": [], "interrupted": False}
+    if rates:
+        curve["step_floor_ms"] = floor_ms(model, rates, 1)["ms"]
     try:
         curve["step_ms"] = 1000 * step_latency(model, n_ctx, reps)
         for n in sizes:
             tree = build_tree(table, n)
             ms = 1000 * pass_latency(model, drafter, tree, n_ctx, reps)
             tau, ratio = (expected_tau(tree, accept) if accept else None), ms / curve["step_ms"]
-            curve["rows"].append({"nodes": n, "ms": ms, "ratio": ratio, "tau": tau,
-                                  "speedup": None if tau is None else tau / ratio,
-                                  "paths": [list(p) for p in tree.paths[1:]]})
+            row = {"nodes": n, "ms": ms, "ratio": ratio, "tau": tau, "speedup": None if tau is None else tau / ratio,
+                   "paths": [list(p) for p in tree.paths[1:]]}
+            if rates:
+                pseudo = Plan.full(tree, drafter.k).pseudo_rows
+                row["floor_ms"] = floor_ms(model, rates, n, n + pseudo, layer)["ms"]
+            curve["rows"].append(row)
     except KeyboardInterrupt:
         curve["interrupted"] = True
     return curve
 
 
 def latency_report(name: str, curve: dict) -> str:
-    """The curve as a markdown table."""
+    """The curve as a markdown table (with each pass's floor, when the curve has it)."""
     if curve["step_ms"] is None:
         return f"{name}: interrupted before anything was measured"
-    lines = [f"{name}: one verification pass against a one-token step ({curve['step_ms']:.1f} ms), "
+    floors = "step_floor_ms" in curve
+    step = f"{curve['step_ms']:.1f} ms" + (f", {curve['step_ms'] / curve['step_floor_ms']:.2f}x its floor"
+                                            if floors else "")
+    lines = [f"{name}: one verification pass against a one-token step ({step}), "
              f"{curve['n_ctx']} cached tokens, median of {curve['reps']}", "",
-             "| nodes | ms/pass | ratio to one-token step | E[tau] | E[speedup] = tau / ratio |",
-             "|---|---|---|---|---|"]
+             "| nodes | ms/pass | ratio to one-token step | E[tau] | E[speedup] = tau / ratio |"
+             + (" floor ms | pass / floor |" if floors else ""),
+             "|---|---|---|---|---|" + ("---|---|" if floors else "")]
     for r in curve["rows"]:
         tau, sp = ("-", "-") if r["tau"] is None else (f"{r['tau']:.2f}", f"{r['speedup']:.2f}x")
-        lines.append(f"| {r['nodes']} | {r['ms']:.1f} | {r['ratio']:.2f} | {tau} | {sp} |")
+        floor = f" {r['floor_ms']:.1f} | {r['ms'] / r['floor_ms']:.2f} |" if floors else ""
+        lines.append(f"| {r['nodes']} | {r['ms']:.1f} | {r['ratio']:.2f} | {tau} | {sp} |{floor}")
     return "\n".join(lines + (["(interrupted)"] if curve["interrupted"] else []))

@@ -7,8 +7,11 @@ chain over where the drafts come from); `choose_plan` weighs that against pass t
 `python tools/analysis.py --select-tree` does for a checkpoint moved to another machine.
 """
 
+import time
+
 import torch
 
+from compiled import CompiledDrafter, CompiledModel, static_length
 from plan import Plan
 from tools.latency import CONTEXT, REPS, _median_time, paired_times, plain_step, tree_step
 from tools.tree_choice import build_tree, node_accept_probs
@@ -103,8 +106,8 @@ def select_plan(model, drafter, accept, sizes, n_ctx: int = CONTEXT, reps: int =
     """The decoding plan (tree shape, which nodes carry pseudo tokens, how many) with the most
     expected tokens per second on this machine: plan.choose_plan under the measured `accept` rates,
     every pass shape timed here in alternation with a one-token step. Prints the best plan of each
-    size; returns (plan, table), table {"step_ms", "rows": [{"nodes", "plan", "tau", "ms", "ratio",
-    "speedup"}]}, best per size."""
+    size; returns (plan, table, candidates): table {"step_ms", "rows": [{"nodes", "plan", "tau", "ms",
+    "ratio", "speedup"}]}, best per size; candidates [(plan, tau, seconds)], every plan weighed."""
     dev, step = model.output.weight.device, plain_step(model, n_ctx)
     step_s = _median_time(step, dev, reps)
 
@@ -123,7 +126,42 @@ def select_plan(model, drafter, accept, sizes, n_ctx: int = CONTEXT, reps: int =
           f"one-token step {step_ms:.1f} ms")
     print(plan_report(table))
     print(f"chosen: {best.text()}")
-    return best, table
+    return best, table, rows
+
+
+def select_compiled_plan(model, drafter, accept, rows: list, finalists: int = 3, n_ctx: int = CONTEXT,
+                         reps: int = REPS, backend: str = "inductor"):
+    """The plan for compiled decoding (compiled.py): the `finalists` best plans of select_plan's
+    eager search (rows: its (plan, tau, seconds)), each compiled and timed as compiled decoding runs
+    it, in alternation with a compiled one-token step. A compiled step always runs the plan's whole
+    tree (its cuts padded), so every step of a plan costs its full pass. Compiling takes tens of
+    seconds a graph on a CPU, hence finalists rather than every candidate. Returns (plan, table)."""
+    dev, t0 = model.output.weight.device, time.perf_counter()
+    best = sorted(rows, key=lambda r: -r[1] / r[2])
+    picked, shapes = [], set()
+    for plan, tau, _ in best:  # distinct pass shapes: the same shape costs the same
+        if (plan.tree.size, plan.pseudo_rows) not in shapes and len(picked) < finalists:
+            shapes.add((plan.tree.size, plan.pseudo_rows))
+            picked.append((plan, tau))
+    cm = CompiledModel(model, static_length(n_ctx + max(p.tree.size for p, _ in picked), model), backend)
+    cm.warm_up()
+    step = plain_step(cm, n_ctx, cm.cache)
+    step_s = _median_time(step, dev, reps)
+    table = {"n_ctx": n_ctx, "reps": reps, "step_ms": 1000 * step_s, "rows": [], "mode": "compiled"}
+    for plan, tau in picked:
+        cd = CompiledDrafter(drafter, cm, plan)
+        cd.warm_up()
+        pass_s, step_now_s = paired_times(tree_step(cm, cd, plan, n_ctx, cm.cache), step, dev, reps)
+        ms = 1000 * pass_s / step_now_s * step_s
+        table["rows"].append({"nodes": plan.tree.size, "plan": plan.text(), "tau": tau, "ms": ms,
+                              "ratio": ms / table["step_ms"], "speedup": tau * table["step_ms"] / ms})
+    table["compile_s"] = time.perf_counter() - t0
+    chosen = max(range(len(picked)), key=lambda i: table["rows"][i]["speedup"])
+    print(f"\nplan choice for {drafter.kind}, compiled: the {len(picked)} best eager plans, compiled; "
+          f"compiled one-token step {table['step_ms']:.1f} ms")
+    print(plan_report(table))
+    print(f"chosen for compiled decoding: {picked[chosen][0].text()}")
+    return picked[chosen][0], table
 
 
 def plan_report(table: dict) -> str:

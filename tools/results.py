@@ -110,21 +110,45 @@ def train_section(runs: dict, figures) -> list:
                            f"{x['speedup']:.2f}x"] for x in t["rows"]])
             chosen = ";".join(",".join(map(str, p)) for p in r["tree"])
             out += [f"Chosen: `{chosen} [nodes {','.join(map(str, r['pseudo_nodes']))} x {r['pseudo_depth']}]`.", ""]
+        if r.get("compiled_plan_table"):
+            t = r["compiled_plan_table"]
+            out += [f"For compiled decoding, the best eager plans compiled and timed again (compiled one-token "
+                    f"step {t['step_ms']:.1f} ms; {t['compile_s']:.0f} s of compiling):", ""]
+            out += table(["nodes", "plan", "E[tau]", "ms/pass", "ratio to a step", "E[speedup]"],
+                         [[x["nodes"], f"`{x['plan']}`", f"{x['tau']:.2f}", f"{x['ms']:.1f}", f"{x['ratio']:.2f}",
+                           f"{x['speedup']:.2f}x"] for x in t["rows"]])
     return out
 
 
 def latency_section(lat, figures) -> list:
-    out = ["## What a verification pass costs", "",
-           f"`python bench.py --latency --out runs/latency.json`: {lat['env']['machine']}, {lat['env']['dtype']}. "
-           "One decoding step with the best tree of each size, every node carrying pseudo tokens, against a "
-           "plain one-token step.", ""]
+    out = ["## What a pass costs, against the floor", "",
+           f"`python bench.py --latency --out runs/latency.json`: {lat['env']['machine']}, {lat['env']['dtype']}.", ""]
+    if lat.get("rows"):
+        c, m = lat["rows"], lat["rows"]["machine"]
+        out += [f"The floor of a pass of R rows is max(weight bytes / read bandwidth, 2 x params x R / peak "
+                f"product rate): {c['weight_mb']:.0f} MB of weights, {m['read_gb_s']:.1f} GB/s read, "
+                f"{m['peak_gflop_s']:.0f} GFLOP/s, both measured here. Passes of R new tokens after "
+                f"{c['n_ctx']} cached, every row through the LM head, eager and compiled (one graph per R), "
+                f"timed in alternation, median of {c['reps']}:", ""]
+        out += table(["rows", "floor ms", "eager ms", "eager / floor", "compiled ms", "compiled / floor"],
+                     [[x["rows"], f"{x['floor_ms']:.1f} ({x['floor_bound']})", f"{x['eager_ms']:.1f}",
+                       f"{x['eager_ratio']:.2f}", f"{x['compiled_ms']:.1f}" if "compiled_ms" in x else "-",
+                       f"{x['compiled_ratio']:.2f}" if "compiled_ms" in x else "-"] for x in c["rows"]])
+        if figures is not None:
+            out += [f"![passes against the floor]({figures('roofline', plot_roofline, c)})", ""]
+    out += ["One decoding step with the best tree of each size, every node carrying pseudo tokens, against a "
+            "plain one-token step, eager:", ""]
     for name, c in lat["latency"].items():
         if c["step_ms"] is None:
             continue
-        out += [f"{name}: one-token step {c['step_ms']:.1f} ms, {c['n_ctx']} cached tokens, median of {c['reps']}.", ""]
-        out += table(["nodes", "ms/pass", "ratio to a step", "E[tau]", "E[speedup]"],
+        floors = "step_floor_ms" in c
+        out += [f"{name}: one-token step {c['step_ms']:.1f} ms"
+                + (f" ({c['step_ms'] / c['step_floor_ms']:.2f}x its floor)" if floors else "")
+                + f", {c['n_ctx']} cached tokens, median of {c['reps']}.", ""]
+        out += table(["nodes", "ms/pass", "ratio to a step", "E[tau]", "E[speedup]"] + (["pass / floor"] if floors else []),
                      [[x["nodes"], f"{x['ms']:.1f}", f"{x['ratio']:.2f}", "-" if x["tau"] is None else f"{x['tau']:.2f}",
-                       "-" if x["speedup"] is None else f"{x['speedup']:.2f}x"] for x in c["rows"]])
+                       "-" if x["speedup"] is None else f"{x['speedup']:.2f}x"]
+                      + ([f"{x['ms'] / x['floor_ms']:.2f}"] if floors else []) for x in c["rows"]])
     if figures is not None:
         out += [f"![pass cost per tree size]({figures('pass_cost', plot_latency, lat)})", ""]
     return out
@@ -137,15 +161,23 @@ def bench_section(path, b, figures) -> list:
     flags += "" if os.path.basename(path) == "results.json" else f" --out {os.path.basename(path)}"
     out = [f"## The benchmark: `{path}`", "",
            f"`python bench.py{flags}`: MT-Bench, {s['prompts']} prompts x {s['turns']} turn(s), {s['max_new_tokens']} new "
-           f"tokens, {mode}, methods taking turns prompt by prompt{', compiled' if s.get('compile') else ''}; "
+           f"tokens, {mode}, methods taking turns prompt by prompt, modes {', '.join(s.get('modes', ['eager']))}; "
            f"{env['machine']}, {env['dtype']}, load average {env['load_average']} at the start.", ""]
+    if b.get("headline"):
+        h = b["headline"]
+        out += [f"Fastest lossless configuration: **{h['fastest']}, {h['speedup']['median']:.2f}x** (per prompt "
+                f"{h['speedup']['min']:.2f}-{h['speedup']['max']:.2f}) the fastest plain decoder measured, "
+                f"{h['fastest_plain']}.", ""]
     rows = []
     for m, r in b["summary"].items():
         sp = r["speedup"]
         rows.append([m, f"{r['tokens_per_s']['median']:.1f}", f"{sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f})",
                      f"{r['tau']:.2f}", slashes(r["alpha"]) or "-", f"{r['ms_per_pass']:.1f}", r["mismatches"]])
-    out += table(["method", "tokens/s (median)", "speedup (min-max)", "tau", "alpha_1 / ..", "ms/pass",
-                  "mismatches"], rows)
+    out += table(["method", "tokens/s (median)", "speedup over plain in its mode (min-max)", "tau", "alpha_1 / ..",
+                  "ms/pass", "mismatches"], rows)
+    if b.get("compile_s"):
+        out += ["Compiled before timing (s): " + ", ".join(f"{m} {t:.0f}" for m, t in b["compile_s"].items()), ""]
+    out += [f"Spread: {note}" for note in b.get("spread", [])] + ([""] if b.get("spread") else [])
     methods = list(b["summary"])
     out += table(["category", *methods], [[cat, *[f"{per[m]['speedup']['median']:.2f}x / {per[m]['tau']:.2f}"
                                                   for m in methods]] for cat, per in b["categories"].items()])
@@ -181,8 +213,20 @@ def plot_latency(plt, lat):
     return fig
 
 
+def plot_roofline(plt, c):
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    rows = [x["rows"] for x in c["rows"]]
+    ax.plot(rows, [x["floor_ms"] for x in c["rows"]], color="black", lw=1.5, label="floor (memory or compute)")
+    ax.plot(rows, [x["eager_ms"] for x in c["rows"]], marker="o", label="eager")
+    if all("compiled_ms" in x for x in c["rows"]):
+        ax.plot(rows, [x["compiled_ms"] for x in c["rows"]], marker="s", label="compiled")
+    ax.set(xscale="log", yscale="log", xlabel="rows in the pass", ylabel="ms per pass", title="Passes against the floor")
+    ax.legend()
+    return fig
+
+
 def plot_categories(plt, b):
-    methods = [m for m in b["summary"] if m != "plain"]
+    methods = [m for m in b["summary"] if not m.startswith("plain")]
     cats = list(b["categories"])
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / max(1, len(methods))

@@ -149,20 +149,24 @@ def check_cache_holds_the_nodes_only():
 
 
 @check("tree_pass takes every mask's cache columns from cache.attention_mask: compiled decoding "
-       "(tools/compiled.py) passes a StaticCache and n as a 0-d tensor, and compiles the pass in one graph "
+       "(compiled.py) passes a StaticCache and n as a 0-d tensor, and compiles the pass in one graph "
        "(fullgraph), which a mask built by hand from n cannot be")
 def check_tree_pass_in_the_compiled_form():
     import torch._dynamo
-    from tools.compiled import Compiled
+    from compiled import StaticCache
     model, tree, ctx, tokens, cache, ht = setup(7, n=5)
     n, nodes, pos = len(ctx), torch.tensor([0, 2]), len(ctx) + tree.depths
+    static = StaticCache(model.args, 1, 40)
+
+    def step(tokens, pos, n, cache):
+        return ht.tree_pass(model, tokens, pos, tree.mask, n, cache, nodes, 2)
+    compiled = torch.compile(torch._dynamo.dont_skip_tracing(step), backend="aot_eager", fullgraph=True,
+                             dynamic=False)
     with torch.no_grad():
-        want = ht.tree_pass(model, tokens, pos, tree.mask, n, cache, nodes, 2)
-        compiled = Compiled(model, ht, backend="aot_eager")
-        static = compiled.cache(40)
+        want = step(tokens, pos, n, cache)
         model(torch.tensor([ctx]), torch.arange(n), causal(n)[None], torch.arange(n), static)
         try:
-            got = compiled.tree_pass(model, tokens, pos, tree.mask, n, static, nodes, 2)
+            got = compiled(tokens, pos, torch.tensor(n), static)
         except torch._dynamo.exc.TorchDynamoException as e:
             raise AssertionError(f"tree_pass does not compile with n a tensor: {str(e).splitlines()[0]}")
     close(got[0], want[0], "compiled nodes' states")

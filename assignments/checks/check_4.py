@@ -278,34 +278,35 @@ def check_next_drafts_brute_force():
                    f"(rows {row}, shift {shift}, {avail} available)")
 
 
-class Watched:
-    """A stand-in for tools/compiled.Compiled: eager, but it records which passes went through it."""
+def counting_cache(args, length):
+    """A KVCache that counts the K/V writes into it."""
+    from model import KVCache
 
-    def __init__(self, model, drafter):
-        self.model, self.drafter, self.caches, self.passes = model, drafter, [], 0
+    class Counting(KVCache):
+        writes = 0
 
-    def cache(self, length):
-        from model import KVCache
-        self.caches.append(length)
-        return KVCache(self.model.args, 1, length)
-
-    def tree_pass(self, model, *args, **kwargs):
-        self.passes += 1
-        return self.drafter.tree_pass(model, *args, **kwargs)
+        def update(self, *a):
+            self.writes += 1
+            return super().update(*a)
+    return Counting(args, 1, length)
 
 
-@check("generate_tree(..., compiled=c) takes its cache from c.cache(length) and runs every step after "
-       "the prefill through c.tree_pass (the prefill stays eager), so that --compile times compiled steps")
-def check_compiled_steps_run_through_compiled():
+@check("generate_tree(..., cache=c) decodes into c (compiled decoding passes its static cache so), and "
+       "every step after the prefill runs through drafter.step (compiled decoding's stand-in replaces it)")
+def check_the_given_cache_and_drafter_step_are_used():
     from decode import generate_tree
     from generate import Sampler, generate
     from tree import Tree
     model, prompt = tiny_model(3), [4, 8, 15, 16, 23, 42]
     ref = generate(model, prompt, 20, Sampler()).tokens
-    drafter = random_transfer(model, 2)
-    watched = Watched(model, drafter)
-    out = generate_tree(model, drafter, prompt, Tree(TREES[1], k=3), 20, Sampler(), compiled=watched)
-    expect(out.tokens == ref, "with compiled=: differs from plain decoding")
-    expect(len(watched.caches) == 1, f"compiled.cache was called {len(watched.caches)} times, expected once")
-    expect(watched.passes == out.passes, f"{watched.passes} of the {out.passes} steps ran through "
-           "compiled.tree_pass; every step after the prefill must")
+    drafter, steps, seen = random_transfer(model, 2), [], []
+    real = drafter.step
+    drafter.step = lambda *a, **kw: steps.append(1) or real(*a, **kw)
+    cache = counting_cache(model.args, len(prompt) + 20 + 6)
+    out = generate_tree(model, drafter, prompt, Tree(TREES[1], k=3), 20, Sampler(), cache=cache,
+                        on_step=lambda c, n: seen.append(c))
+    expect(out.tokens == ref, "with cache=: differs from plain decoding")
+    expect(cache.writes > 0 and all(c is cache for c in seen), "generate_tree did not decode into the cache "
+           "it was given (cache=)")
+    expect(len(steps) == out.passes, f"{len(steps)} of the {out.passes} steps ran through drafter.step; every "
+           "step after the prefill must")

@@ -1,0 +1,158 @@
+"""What bench.py measured, as METHOD.md's metrics and as markdown: tau, alpha, speedups per method,
+the headline against the fastest plain decoder, the spread of plain decoding across prompts,
+mismatches. Pure functions of the results dictionary bench.run_bench fills.
+
+Names: a method decoded eagerly is its kind ("plain", "transfer", "medusa"); compiled it is
+"kind:compiled" (compiled.py). Each method is compared with plain decoding in its own mode; the
+headline compares the best of them with the fastest plain decoder measured in the run.
+"""
+
+import statistics
+
+from generate import Generation
+from tools import ties
+
+SPREAD = 0.8  # plain decoding's slowest prompt under this fraction of its median tokens/s is explained
+
+
+def plain_of(name: str) -> str:
+    """The plain decoder a method is compared with: plain decoding in the same mode."""
+    mode = name.partition(":")[2]
+    return f"plain:{mode}" if mode else "plain"
+
+
+def reference_of(name: str) -> str | None:
+    """Whose tokens a method must reproduce: plain decoding in its mode; compiled plain decoding
+    eager plain decoding's (a difference there is rounding, and must be a near-tie)."""
+    return None if name == "plain" else ("plain" if name == plain_of(name) else plain_of(name))
+
+
+def _spread(xs) -> dict | None:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else None
+
+
+def method_metrics(gens: list, plain: list | None = None, depth: int = 0) -> dict:
+    """METHOD.md's metrics for one method over prompts. gens, plain: Generation lists, prompt-aligned.
+
+    tau = tokens after the first / passes, pooled over prompts (a mean of per-prompt taus would
+    weigh a 5-token answer like a 128-token one). alpha_j = passes that accepted >= j drafts /
+    passes that accepted >= j-1 (depth j accepted given depth j-1 was), for j = 1..depth.
+    """
+    acc = [a for g in gens for a in g.accepted]
+    alpha = [sum(a >= j for a in acc) / max(1, sum(a >= j - 1 for a in acc)) for j in range(1, depth + 1)]
+    ratios = [g.tokens_per_s / p.tokens_per_s for g, p in zip(gens, plain)] if plain else []
+    return {"prompts": len(gens), "tokens": sum(len(g.tokens) for g in gens),
+            "tokens_per_s": _spread([g.tokens_per_s for g in gens]), "speedup": _spread(ratios),
+            "tau": sum(len(g.tokens) - 1 for g in gens) / max(1, len(acc)), "alpha": alpha,
+            "passes": len(acc), "ms_per_pass": 1000 * sum(g.decode_s for g in gens) / max(1, len(acc))}
+
+
+def first_difference(a: list, b: list) -> int | None:
+    """Index of the first token where a and b differ (a prefix differs at its end), None if equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def spread_note(name: str, runs: list, gens: list) -> str | None:
+    """Why plain decoding's slowest prompt is under SPREAD x its median tokens/s, or None if it is not."""
+    speeds = [g.tokens_per_s for g in gens]
+    if not speeds or min(speeds) >= SPREAD * statistics.median(speeds):
+        return None
+    med, slow = statistics.median(speeds), []
+    for r, g in zip(runs, gens):
+        if g.tokens_per_s < SPREAD * med:
+            prefill = g.prefill_s / max(g.prefill_s + g.decode_s, 1e-9)
+            slow.append(f"prompt {r['prompt']} ({r['category']}): {g.tokens_per_s:.1f} tokens/s, {len(g.tokens)} "
+                        f"tokens, the prompt's pass {100 * prefill:.0f}% of its time, load average "
+                        f"{r.get('load_average', '?')}")
+    why = ("short answers, where the prompt's pass weighs more" if all(
+        len(g.tokens) < 0.5 * statistics.median(len(h.tokens) for h in gens)
+        for g in gens if g.tokens_per_s < SPREAD * med) else "the machine was busier then (see the load average)")
+    return (f"{name}: slowest prompt {min(speeds) / med:.2f}x the median tokens/s ({med:.1f}), under "
+            f"{SPREAD}x: {why}. " + "; ".join(slow))
+
+
+def summarize(results: dict) -> dict:
+    """Fill results' "mismatches", "summary" (per method), "headline", "spread" and "categories"
+    from its "runs"."""
+    runs, names = results["runs"], list(results["trees"])
+    gens = {m: [Generation(**r["methods"][m]) for r in runs] for m in names}
+    results["mismatches"] = [
+        {"method": m, "reference": ref, "prompt": r["prompt"], "category": r["category"], "turn": r["turn"],
+         "position": at, **r.get("ties", {}).get(m, {})}  # gap, class, threshold: tools/ties.py
+        for r in runs for m in names if (ref := reference_of(m))
+        if (at := first_difference(r["methods"][m]["tokens"], r["methods"][ref]["tokens"])) is not None]
+    results["summary"] = {}
+    for m in names:
+        depth = results["trees"][m]["depth"] if results["trees"][m] else 0
+        results["summary"][m] = method_metrics(gens[m], gens[plain_of(m)], depth)
+        results["summary"][m]["mismatches"] = sum(x["method"] == m for x in results["mismatches"])
+    results["headline"] = headline(results, gens) if runs else None
+    results["spread"] = [note for m in names if m == plain_of(m) and (note := spread_note(m, runs, gens[m]))]
+    results["categories"] = {}
+    for cat in dict.fromkeys(r["category"] for r in runs):  # in order of first appearance
+        pick = [i for i, r in enumerate(runs) if r["category"] == cat]
+        results["categories"][cat] = {m: method_metrics([gens[m][i] for i in pick],
+                                                        [gens[plain_of(m)][i] for i in pick]) for m in names}
+    return results
+
+
+def headline(results: dict, gens: dict) -> dict:
+    """The fastest plain decoder measured (median tokens/s), and the fastest lossless method (no
+    divergence from its reference) against it: the median over prompts of their tokens/s ratio."""
+    summary = results["summary"]
+    plains = [m for m in summary if m == plain_of(m)]
+    fastest_plain = max(plains, key=lambda m: summary[m]["tokens_per_s"]["median"])
+    bad = {x["method"] for x in ties.divergences(results["mismatches"])}
+    against = {m: method_metrics(gens[m], gens[fastest_plain])["speedup"] for m in summary if m not in bad}
+    best = max(against, key=lambda m: against[m]["median"])
+    return {"fastest_plain": fastest_plain, "fastest": best, "speedup": against[best],
+            "against_fastest_plain": against}
+
+
+def _fmt(s: dict | None, unit: str = "", digits: int = 1) -> str:
+    if s is None:
+        return "-"
+    return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def report(results: dict) -> str:
+    """The results as markdown: the headline, the main table, the per-category table, the trees,
+    compile times, the spread notes, the mismatches."""
+    env, s = results["env"], results["settings"]
+    mode = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}, top-p {s['top_p']}"
+    lines = [f"MT-Bench, {s['prompts']} prompts x {s['turns']} turn(s), max {s['max_new_tokens']} new "
+             f"tokens, {mode}, seed {s['seed']}; {env['machine']}, {env['dtype']}, "
+             f"load average {env['load_average']} at the start",
+             f"{len(results['runs'])} generations per method in {results['wall_s'] / 60:.1f} min"
+             f"{' (INTERRUPTED)' if results['interrupted'] else ''}", ""]
+    if not results["runs"]:
+        return "\n".join(lines + ["nothing was measured"])
+    h, summary = results["headline"], results["summary"]
+    lines += [f"Fastest lossless configuration here: {h['fastest']}, {h['speedup']['median']:.2f}x "
+              f"(per prompt {h['speedup']['min']:.2f}-{h['speedup']['max']:.2f}) the fastest plain decoder "
+              f"measured, {h['fastest_plain']} at {summary[h['fastest_plain']]['tokens_per_s']['median']:.1f} "
+              "tokens/s", ""]
+    lines += ["| method | tokens/s median (min-max) | speedup over plain in its mode | over the fastest plain "
+              "| tau | alpha_1 / .. / alpha_D | passes | ms/pass | mismatches |", "|" + "---|" * 9]
+    for m, r in summary.items():
+        alpha = " / ".join(f"{a:.2f}" for a in r["alpha"]) or "-"
+        fastest = _fmt(h["against_fastest_plain"].get(m), "x", 2)
+        lines.append(f"| {m} | {_fmt(r['tokens_per_s'])} | {_fmt(r['speedup'], 'x', 2)} | {fastest} | "
+                     f"{r['tau']:.2f} | {alpha} | {r['passes']} | {r['ms_per_pass']:.1f} | {r['mismatches']} |")
+    methods = list(summary)
+    lines += ["", "Per category: median speedup over plain in the same mode / tau", "",
+              "| category | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for cat, per in results["categories"].items():
+        cells = [f"{per[m]['speedup']['median']:.2f}x / {per[m]['tau']:.2f}" for m in methods]
+        lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"plan of {m}: {t['size']} nodes, depth {t['depth']}: {t['plan']}"
+                     for m, t in results["trees"].items() if t]
+    if results.get("compile_s"):
+        lines.append("compiled before timing (seconds, untimed): " + ", ".join(
+            f"{m} {sec:.0f}" for m, sec in results["compile_s"].items()))
+    lines += [f"SPREAD: {note}" for note in results["spread"]]
+    lines += [f"MISMATCH: {x['method']} differs from {x['reference']} on prompt {x['prompt']} ({x['category']}, "
+              f"turn {x['turn']}) from token {x['position']}: {ties.describe(x)}" for x in results["mismatches"]]
+    return "\n".join(lines)
