@@ -22,7 +22,8 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from checkpoint import DRAFTERS, default_checkpoint, load_drafter, open_checkpoint, save_atomic, train_command
+from checkpoint import (DRAFTERS, check_ranks, default_checkpoint, load_drafter, open_checkpoint, save_atomic,
+                        train_command)
 from cli import (DTYPES, HelpFormatter, add_common_args, check_common_args, check_writable, describe_machine,
                  drafter_spec, fit_context, int_range, list_of, load, run_main)
 from compiled import CompiledDrafter, CompiledModel, compiler_works, no_recompiles, static_length
@@ -219,7 +220,7 @@ def load_drafters(model, args, found: dict) -> dict:
                 plan = compiled_plan = Plan.full(Tree.parse(args.tree, k=drafter.k), drafter.k)
             elif ckpt.get("compiled_plan"):
                 compiled_plan = Plan.from_fields(ckpt["compiled_plan"], drafter.k)
-            compiled_plan.check_vocab(model.args.vocab_size)
+            check_ranks(compiled_plan, model.args.vocab_size)
         except (TypeError, ValueError, KeyError) as e:
             fail(f"--tree: {e}" if args.tree else f"{path} stores a bad compiled plan: {e}")
         out[name] = (drafter, plan, ckpt.get("accept_rates"), compiled_plan)

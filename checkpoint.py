@@ -265,6 +265,14 @@ def build_drafter(ckpt: dict, path: str, model: Transformer) -> Drafter:
     return drafter.to(device=w.device, dtype=w.dtype)
 
 
+def check_ranks(plan: Plan, vocab_size: int) -> Plan:
+    """A tree that reads a draft rank the vocabulary does not have (top-k of V < k) is refused."""
+    if plan.tree.top_r > vocab_size:
+        raise ValueError(f"the tree reads draft rank {plan.tree.top_r - 1}, but the model's vocabulary has "
+                         f"only {vocab_size} tokens (ranks 0 to {vocab_size - 1})")
+    return plan
+
+
 def load_drafter(model: Transformer, path: str | None = None, kind: str | None = None,
                  untrained: bool = False, k: int = 3, model_name: str | None = None):
     """(drafter, plan, note): the ONE way from a checkpoint to what decoding needs.
@@ -290,7 +298,7 @@ def load_drafter(model: Transformer, path: str | None = None, kind: str | None =
     ckpt = open_checkpoint(path, kind)
     drafter = build_drafter(ckpt, path, model)
     try:
-        plan = Plan.from_fields(ckpt, drafter.k).check_vocab(model.args.vocab_size)
+        plan = check_ranks(Plan.from_fields(ckpt, drafter.k), model.args.vocab_size)
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path} stores a bad plan: {e}") from None
     verify_checksum(ckpt, path)  # last: a hand-edited field gets its own reason above first

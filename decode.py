@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from checkpoint import load_drafter, open_checkpoint
+from checkpoint import check_ranks, load_drafter, open_checkpoint
 from cli import (DRAFTER_HELP, HelpFormatter, add_common_args, check_common_args, describe_machine, drafter_spec,
                  encode_prompt, fit_context, load, run_main)
 from compiled import CompiledDrafter, CompiledModel, static_length
@@ -71,15 +71,13 @@ def generate_tree(model, drafter, prompt: list, plan: Plan | Tree, max_new_token
     on_token(ids) is called once per pass with the tokens it emitted: the drafts it accepted, then
     the model's own token. on_step(cache, n), if given, is called after every step with the cache
     and the number of accepted tokens it holds (the tests check the cache against a fresh prefill).
-    cache: the KVCache to decode into, long enough for the prompt, the new tokens and a tree (default
-    a new one). compiled.py's stand-ins for model and drafter, with their cache, run the same steps
-    compiled.
+    cache: the KVCache to decode into (default a new one); compiled.py's stand-ins for model and
+    drafter, with their cache, run the same steps compiled.
     """
     plan = plan if isinstance(plan, Plan) else Plan.full(plan, drafter.k)
     if max(plan.tree.depth, plan.depth) > drafter.k:
         raise ValueError(f"the plan reads {max(plan.tree.depth, plan.depth)} drafts but the drafter "
                          f"drafts only {drafter.k}")
-    plan.check_vocab(model.args.vocab_size)
     fit_context(model, prompt, max_new_tokens, plan.tree.size)  # the last pass holds a whole tree
     dev, dtype = model.output.weight.device, model.output.weight.dtype
     n, need = len(prompt), len(prompt) + max_new_tokens + plan.tree.size
@@ -207,7 +205,7 @@ def main(argv=None):
     print(note, file=sys.stderr)
     if args.tree:
         try:
-            plan = Plan.full(Tree.parse(args.tree, k=drafter.k), drafter.k).check_vocab(model.args.vocab_size)
+            plan = check_ranks(Plan.full(Tree.parse(args.tree, k=drafter.k), drafter.k), model.args.vocab_size)
         except ValueError as e:
             sys.exit(f"error: --tree: {e}")
     prompt = encode_prompt(args, model, tok, plan.tree.size)

@@ -56,9 +56,8 @@ class Drafter(nn.Module):
         raise NotImplementedError
 
     def step(self, model: Transformer, tokens, pos, tree_mask, n, cache, nodes=None, depth=None):
-        """One decoding step's model work (decode.generate_tree's step 2): tree_pass, then
-        step_logits. Returns (logits (N, V): the nodes' verifying logits; drafts (len(nodes), depth,
-        V)). compiled.py runs exactly this under torch.compile."""
+        """One decoding step's model work (decode.generate_tree's step 2): tree_pass, then step_logits:
+        (logits (N, V), drafts (len(nodes), depth, V)). compiled.py compiles exactly this."""
         hidden, states = self.tree_pass(model, tokens, pos, tree_mask, n, cache, nodes, depth)
         return self.step_logits(model, hidden, states)
 

@@ -26,14 +26,11 @@ from model import KVCache, Transformer, causal_mask
 class Sampler:
     """Picks the target model's token from its logits: argmax when temperature is 0, else one draw.
 
-    A draw is ONE step of one seeded generator per emitted token: a Gumbel noise g (V,) from V
-    uniform numbers, and the token argmax(log p + g), an exact sample of p (the Gumbel-max trick).
-    Two decoders that visit the same distributions in the same order therefore emit the same tokens.
-    And they still do when a batched tree pass and a one-token pass round the logits differently
-    (about 5e-5 in fp32): the sampled token changes only if the top two of log p + g nearly tie,
-    the same near-tie rule as greedy's. (Inverse-CDF sampling, one uniform number against the
-    cumulative sum, changes whenever the number falls within the rounding of any of V interval
-    edges, about 0.3% of the draws at temperature 1.5.)
+    A draw is ONE step of one seeded generator per emitted token: Gumbel noise g (V,), and the token
+    argmax(log p + g), an exact sample of p (the Gumbel-max trick). Two decoders that visit the same
+    distributions in the same order emit the same tokens, even when a tree pass and a one-token pass
+    round the logits differently: only a near-tie of the top two of log p + g can flip, as in greedy.
+    (Inverse-CDF sampling flips whenever its one number falls within rounding of any of V edges.)
     """
 
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
@@ -47,9 +44,8 @@ class Sampler:
         return self.temperature == 0
 
     def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """(V,) logits -> (V,) log-probabilities after temperature and top-p (-inf outside the nucleus).
-        In float64 and shifted by the largest logit, so any temperature > 0 is finite: 1e-40 puts
-        all the mass on the argmax."""
+        """(V,) logits -> (V,) log-probabilities after temperature and top-p (-inf outside the nucleus);
+        float64 and shifted by the largest logit, so any temperature > 0 is finite (1e-40: greedy)."""
         x = logits.double()
         logp = torch.log_softmax((x - x.max()) / self.temperature, dim=-1)
         if self.top_p < 1.0:  # keep the smallest head of the distribution whose mass reaches top_p
@@ -58,8 +54,7 @@ class Sampler:
         return logp
 
     def draw(self, vocab_size: int) -> torch.Tensor:
-        """The one draw for this token: Gumbel(0, 1) noise (V,) from the seeded generator (a uniform
-        of exactly 0 gives -inf: that token cannot win)."""
+        """The one draw for this token: Gumbel(0, 1) noise (V,) from the seeded generator."""
         u = torch.rand(vocab_size, generator=self.generator, dtype=torch.float64)
         return -torch.log(-torch.log(u))
 

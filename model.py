@@ -152,8 +152,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.hd, args.dim, bias=False)
 
     def attend(self, q, k, v, mask):
-        """softmax(q k^T / sqrt(hd), masked) v: q (B, nh, R, hd), k and v (B, n_kv, S, hd), mask
-        (B or 1, R, S); each kv head serves n_heads / n_kv query heads."""
+        """softmax(q k^T / sqrt(hd), masked) v: q (B, nh, R, hd), k, v (B, n_kv, S, hd), mask (B|1, R, S)."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1),
                                               enable_gqa=self.n_kv != self.n_heads)
 
@@ -176,9 +175,8 @@ class Attention(nn.Module):
         kv_len = mask.shape[-1] - (T - n)                      # the cache columns of the mask
         ck, cv = cache.update(self.layer, slots, k[:, :, :n], v[:, :, :n])  # (B, n_kv, max_len, hd)
         ck, cv = ck[:, :, :kv_len], cv[:, :, :kv_len]          # a view: the cache read in place
-        # The stored (real) rows read the cache columns only. A masked column still enters the
-        # product as 0 x value, and 0 x NaN or 0 x inf is NaN: a pseudo token's K/V must not even be
-        # in the real rows' product, so that no drafter value can change a real token.
+        # The stored (real) rows read the cache columns only: a masked column still enters the product
+        # as 0 x value, and 0 x NaN is NaN, so no drafter value may even be in the real rows' product.
         rows = [self.attend(q[:, :, :n], ck, cv, mask[:, :n, :kv_len])] if n else []
         if n < T:  # the ephemeral rows read the cache and the ephemeral tokens
             k = torch.cat([ck, k[:, :, n:]], dim=2)            # (B, n_kv, kv_len + T - n, hd)

@@ -14,7 +14,6 @@ the acceptance rates, against this machine's pass times); decoding only follows 
 Read next: generate.py, plain decoding and the sampler, then decode.py, which follows a plan.
 """
 
-import operator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -28,10 +27,8 @@ class Plan:
     depth: int    # pseudo tokens each of them carries: q_1..q_depth (1 <= depth <= k)
 
     def __post_init__(self):
-        try:  # a float node or depth (a hand-edited checkpoint) would fail later as an index error
-            [operator.index(v) for v in (*self.nodes, self.depth)]
-        except TypeError:
-            raise ValueError(f"pseudo-token nodes {self.nodes} and depth {self.depth!r} must be integers") from None
+        if not all(isinstance(v, int) for v in (*self.nodes, self.depth)):  # a hand-edited checkpoint
+            raise ValueError(f"pseudo-token nodes {self.nodes} and depth {self.depth!r} must be integers")
         if not self.nodes or self.nodes[0] != 0 or list(self.nodes) != sorted(set(self.nodes)):
             raise ValueError(f"pseudo-token nodes {self.nodes} must be ascending, once each, and include "
                              "the root 0 (a step whose drafts ran out verifies the root alone)")
@@ -54,13 +51,6 @@ class Plan:
         if fields.get("pseudo_nodes") is None:
             return cls.full(tree, k)
         return cls(tree, tuple(fields["pseudo_nodes"]), fields["pseudo_depth"])
-
-    def check_vocab(self, vocab_size: int) -> "Plan":
-        """A tree that reads a draft rank the vocabulary does not have (top-k of V < k) is refused."""
-        if self.tree.top_r > vocab_size:
-            raise ValueError(f"the tree reads draft rank {self.tree.top_r - 1}, but the model's vocabulary has "
-                             f"only {vocab_size} tokens (ranks 0 to {vocab_size - 1})")
-        return self
 
     def fields(self) -> dict:
         """What a checkpoint stores of the plan (plain lists and ints)."""

@@ -172,12 +172,10 @@ def chain(k: int) -> Tree:
     return Tree([(0,) * j for j in range(1, k + 1)], k=k)
 
 
-# Named shapes, as Medusa names its trees: --tree NAME on decode.py and bench.py. Rank paths of depth
-# <= 2, so any k >= 2 drafts them; the larger ones are tools/tree_choice.build_tree's best trees for
-# SmolLM2-135M's acceptance rates. To add one, add a line: "name": [paths]. The naming rule
-# (tests/test_tree.py holds every entry to it): a name has a letter in it (so it never reads as
-# paths) and is not "chain"; a name "tree" + a number N has exactly N nodes, the root included;
-# any other name ("pair", "fan3", "deep5") promises nothing. The paths must be prefix-closed.
+# Named shapes (--tree NAME), as Medusa names its trees; depth <= 2, so any k >= 2 drafts them; the
+# larger are tools/tree_choice.build_tree's best for SmolLM2-135M. To add one, add a line. The rule
+# (tests/test_tree.py): a name has a letter (never read as paths) and is not "chain"; "tree" + a
+# number N has exactly N nodes, the root included; other names promise nothing. Paths: prefix-closed.
 SHAPES = {
     "pair": [(0,)],                                                   # 2 nodes: q_1's top token
     "fan3": [(0,), (1,)],                                             # 3: q_1's top two
