@@ -55,6 +55,23 @@ def test_injected_timings_choose_the_form_that_is_used(monkeypatch, spy):
         torch.testing.assert_close(y, x @ w.T)
 
 
+def test_a_product_runs_on_the_cheapest_bucket_that_holds_its_rows(monkeypatch):
+    """When 4 rows cost less than 1 or 2 (made-up timings), 1-3 rows are padded to 4 with zeros: the
+    same numbers, the product over 4 rows; 5 rows are not padded (8 costs more), 100 never."""
+    timer = FakeTimer(lambda form, rows: {1: 3.0, 2: 3.0, 4: 1.0}.get(rows, 2.0 * rows) + (form == "linear"))
+    k = use_kernels(monkeypatch, LinearKernels(timer))
+    shapes = []
+    monkeypatch.setitem(FORMS, "transposed", lambda x, w, fn=FORMS["transposed"]: shapes.append(x.shape[0]) or fn(x, w))
+    w = torch.randn(40, 16)
+    for rows, run in ((1, 4), (3, 4), (4, 4), (5, 8), (100, 100)):
+        shapes.clear()
+        x = torch.randn(1, rows, 16)
+        y = linear(x, w)
+        assert k.choice(w, rows) == ("transposed", run) and shapes == [run]
+        assert y.shape == (1, rows, 40) and y.is_contiguous()
+        torch.testing.assert_close(y, x @ w.T)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 33, 100])
 def test_both_forms_agree(rows, dtype):

@@ -5,7 +5,8 @@ the dtype and the number of rows: on one 2-core AMD EPYC the transposed form is 
 faster in fp32 for the 1-4 rows of decoding and slower from 16 rows on; on a 2-core Intel Xeon (MKL)
 F.linear wins. So the first product of a new weight shape times both forms at every row bucket,
 on a ring of weight copies larger than the last-level cache (in a pass the weights come from memory;
-a weight timed hot in cache gives the wrong answer), and keeps the faster one.
+a weight timed hot in cache gives the wrong answer), and keeps the faster one; a product of fewer
+rows than the cheapest bucket that holds them gets zero rows up to it (LinearKernels.choice).
 
 `apply(model)` makes every nn.Linear of a model (or a drafter) use the measured form: it swaps the
 module's class for MeasuredLinear, whose parameters and state_dict are nn.Linear's. The model
@@ -60,27 +61,36 @@ def time_form(form: str, ring, rows: int, budget: float = 2e-3) -> float:
 
 
 class LinearKernels:
-    """The faster form per (weight shape, dtype, row bucket), timed once. `timer` is injectable
-    (tests drive the choice with made-up timings); `force` ("linear" or "transposed") skips it."""
+    """The faster form per (weight shape, dtype, row bucket), timed once, and the rows to run it on:
+    a product over more rows can cost less than over fewer (on one 2-core AMD EPYC a 4-row product
+    took half the time of a 1-row one, for every weight of SmolLM2), so a product may take zero rows
+    up to the cheapest bucket that holds its rows. `timer` is injectable (tests drive the choice with
+    made-up timings); `force` ("linear" or "transposed") skips it: that form, no padding."""
 
     def __init__(self, timer=time_form, force: Optional[str] = None):
-        self.timer, self.force, self.table = timer, force, {}  # table: key -> form name
+        self.timer, self.force, self.table = timer, force, {}  # table: key -> (form name, rows to run)
 
     def key(self, weight: torch.Tensor, rows: int) -> tuple:
         bucket = next((b for b in ROW_BUCKETS if b >= rows), ROW_BUCKETS[-1])
         return tuple(weight.shape), weight.dtype, bucket
 
-    def form(self, weight: torch.Tensor, rows: int, measure: bool = True) -> str:
+    def choice(self, weight: torch.Tensor, rows: int, measure: bool = True) -> tuple:
+        """(form, rows to run the product on, >= rows)."""
         if self.force:
-            return self.force
+            return self.force, rows
         key = self.key(weight, rows)
         if key not in self.table and not measure:  # not timed, and no timing now: F.linear's form
-            return "linear"
-        if key not in self.table:  # a new shape or dtype: time every bucket now, on one ring
+            return "linear", rows
+        if key not in self.table:  # a new shape or dtype: time every form and bucket now, on one ring
             ring = weight_ring(weight)
-            for b in ROW_BUCKETS:
-                self.table[self.key(weight, b)] = min(FORMS, key=lambda f: self.timer(f, ring, b))
-        return self.table[key]
+            times = {(f, b): self.timer(f, ring, b) for b in ROW_BUCKETS for f in FORMS}
+            for b in ROW_BUCKETS:  # the cheapest (form, bucket) that holds b rows
+                self.table[self.key(weight, b)] = min((fb for fb in times if fb[1] >= b), key=times.get)
+        form, padded = self.table[key]
+        return form, max(rows, padded)
+
+    def form(self, weight: torch.Tensor, rows: int, measure: bool = True) -> str:
+        return self.choice(weight, rows, measure)[0]
 
 
 KERNELS = LinearKernels()  # the one every MeasuredLinear consults; tests swap in their own
@@ -91,9 +101,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if x.device.type != "cpu":
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])                     # (M, in)
-    # inside a compiled region (tools/compiled.py) only look the form up: apply() timed it before
-    form = KERNELS.form(weight, rows.shape[0], measure=not torch.compiler.is_compiling())
-    y = FORMS[form](rows, weight).view(*x.shape[:-1], weight.shape[0])  # (..., out)
+    M = rows.shape[0]
+    # inside a compiled region (compiled.py) only look the choice up: apply() timed it before
+    form, run = KERNELS.choice(weight, M, measure=not torch.compiler.is_compiling())
+    if run > M:  # zero rows up to the cheaper bucket; each output row depends on its own input row only
+        rows = F.pad(rows, (0, 0, 0, run - M))           # (run, in)
+    y = FORMS[form](rows, weight)[:M].view(*x.shape[:-1], weight.shape[0])  # (..., out)
     return y if bias is None else y + bias
 
 
