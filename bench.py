@@ -231,6 +231,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     add_common_args(p)  # its --prompt is not used: the prompts are MT-Bench's
+    kernels.add_arg(p)
     p.set_defaults(max_new_tokens=MAX_NEW_TOKENS)
     p.add_argument("--methods", default=None, type=list_of(lambda m: m if m == "plain" else drafter_spec(m)),
                    help=f"comma list of plain and drafters: {', '.join(DRAFTERS)}, or your own as FILE.py:Class "
@@ -282,6 +283,7 @@ def main(argv=None):
             questions = read_mtbench(args.mtbench)
             picked = pick_mtbench(questions, len(questions) if args.full else args.prompts)
         model, tok = load(args)
+        kernels.use(args.matmul, model)  # the measured CPU product forms (tools/kernels.py)
         drafters = load_drafters(model, args, found)
     except (OSError, ValueError) as e:  # a bad checkpoint (checkpoint.CheckpointError) or MT-Bench file
         fail(str(e))

@@ -19,7 +19,6 @@ import torch
 import tiny
 from checkpoint import drafter_kind
 from tokenizer import load_tokenizer
-from tools import kernels
 from model import Transformer
 from weights import default_model_path, load_model
 
@@ -110,9 +109,6 @@ def add_common_args(parser: argparse.ArgumentParser):
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations")
     parser.add_argument("--threads", type=int_range(1, 1024), default=None,
                         help="CPU threads (default: torch's)")
-    parser.add_argument("--matmul", default="auto", choices=["auto", *kernels.FORMS],
-                        help="CPU form of x @ W.T: the faster one per weight shape, timed at load (auto), "
-                             "or one forced (tools/kernels.py)")
 
 
 def check_common_args(args):
@@ -197,8 +193,6 @@ def load(args):
                  f"{model.args.max_seq_len} tokens; lower --seq-len")
     for p in model.parameters():
         p.requires_grad_(False)
-    kernels.KERNELS.force = None if args.matmul == "auto" else args.matmul
-    kernels.apply(model)  # the faster CPU product form for every weight shape, timed now
     return model, tok
 
 

@@ -25,7 +25,6 @@ from compiled import CompiledDrafter, CompiledModel, static_length
 from generate import Generation, Sampler, generate, sync
 from model import KVCache
 from plan import Plan
-from tools import kernels
 from trace_step import Recorder, report
 from tree import SHAPES, Tree
 
@@ -201,7 +200,6 @@ def main(argv=None):
                                            model_name=args.model)
     except ValueError as e:  # checkpoint.CheckpointError: one line naming the file
         sys.exit(f"error: {e}")
-    kernels.apply(drafter)
     print(note, file=sys.stderr)
     if args.tree:
         try:

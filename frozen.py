@@ -10,7 +10,6 @@ import time
 import torch
 
 from model import causal_mask
-from tools import kernels
 
 
 class FrozenPasses:
@@ -36,14 +35,16 @@ class FrozenPasses:
         return frozen
 
 
-def frozen_copy(args, model, ids):
+def frozen_copy(args, model, ids, prepare=None):
     """The frozen model the training passes run through: `model`, or a bfloat16 copy of it when
     --frozen-dtype bfloat16, or, with auto, when a frozen pass over the window `ids` (1, T) is faster
-    in bfloat16 on this machine (CPUs with bf16 arithmetic; on others bf16 is emulated, and slower)."""
+    in bfloat16 on this machine (CPUs with bf16 arithmetic; on others bf16 is emulated, and slower).
+    prepare(copy), if given, runs on the copy before it is timed (train.py: the measured product forms)."""
     if args.frozen_dtype == "float32" or model.output.weight.dtype != torch.float32:
         return model
     half = copy.deepcopy(model).to(torch.bfloat16)
-    kernels.apply(half)
+    if prepare:
+        prepare(half)
     if args.frozen_dtype == "auto":
         seconds = {}
         for m in (model, half, model, half):  # the first round warms up

@@ -240,6 +240,7 @@ PRESETS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_common_args(p)  # --model --device --dtype --seed --threads (and decoding flags, unused here)
+    kernels.add_arg(p)
     p.add_argument("--drafter", default="transfer", type=drafter_spec, help=DRAFTER_HELP)
     # the data (docs/EXPERIMENTS.md: what each lever bought on a 2-core CPU)
     p.add_argument("--data", default="replies", choices=["replies", "sharegpt"],
@@ -329,6 +330,7 @@ def main(argv=None):
     if args.model == tiny.NAME and not args.sharegpt:  # the tiny model learns on synthetic conversations
         args.sharegpt = tiny.conversations_file(args.cache_dir, args.conversations)
     model, tok = load(args)
+    kernels.use(args.matmul, model)  # the measured CPU product forms (tools/kernels.py)
     try:
         check_vocab_flags(args, model)
         if args.resume:
@@ -338,7 +340,7 @@ def main(argv=None):
         if len(train_windows) < args.batch_size:
             raise ValueError(f"--batch-size {args.batch_size} is more than the {len(train_windows)} "
                              "training windows; answer more --replies or read more --conversations")
-        frozen_model = frozen_copy(args, model, train_windows[0][0][None].to(model.output.weight.device))
+        frozen_model = frozen_copy(args, model, train_windows[0][0][None].to(model.output.weight.device), kernels.apply)
         return run(args, model, train_windows, held, frozen_model, world, {"data": info["generation_min"]})
     except (OSError, ValueError) as e:  # a bad data file, a bad checkpoint to --resume, --transfer-layer
         sys.exit(f"error: {e}")

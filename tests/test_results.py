@@ -47,6 +47,7 @@ def test_every_section_comes_from_its_file(measured, capsys):
     assert "## Held-out acceptance" in text and "| transfer | replies | own | 0.50 / 0.25 |" in text
     assert "`0 [nodes 0,1 x 1]`" in text and "## What a pass costs, against the floor" in text
     assert "| 2 | " in text and "eager / floor" in text and "pass / floor" in text
+    assert "## The speed targets" in text and "| 0 mismatches | 0 | met |" in text
     assert "## The benchmark" in text and "| writing |" in text and "| transfer |" in text
     assert "## Not measured yet" in text and "python tools/hf_baseline.py" in text  # the missing file, named
     try:

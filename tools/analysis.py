@@ -153,6 +153,7 @@ def main(argv=None):
     train_args = train.parse_args(rest)
     check_common_args(train_args)
     model, tok = load(train_args)
+    kernels.use(train_args.matmul, model)
     L = model.args.n_layers
     if args.sweep_layers and max(args.sweep_layers) >= L:
         sys.exit(f"error: --sweep-layers {max(args.sweep_layers)}: a transfer layer must be from 1 to {L - 1} "

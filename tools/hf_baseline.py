@@ -25,6 +25,7 @@ from cli import (HelpFormatter, add_common_args, check_common_args, check_writab
                  int_range, load, run_main)
 from checkpoint import save_atomic
 from generate import Sampler, generate
+from tools import kernels
 from weights import default_model_path
 
 
@@ -32,6 +33,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     add_common_args(parser)
+    kernels.add_arg(parser)
     parser.add_argument("--reps", type=int_range(1), default=5, help="timed generations per implementation")
     parser.add_argument("--out", default="runs/hf_baseline.json", help="where the numbers are saved as JSON "
                         "(tools/results.py reads them)")
@@ -43,6 +45,7 @@ def main(argv=None):
     except ImportError:
         sys.exit("error: transformers is not installed: pip install -r requirements-test.txt")
     model, tok = load(args)
+    kernels.use(args.matmul, model)  # ours at its fastest: the measured CPU product forms
     path = args.model or default_model_path()
     if not path.endswith(".gguf"):
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=model.output.weight.dtype)

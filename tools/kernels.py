@@ -10,8 +10,9 @@ rows than the cheapest bucket that holds them gets zero rows up to it (LinearKer
 
 `apply(model)` makes every nn.Linear of a model (or a drafter) use the measured form: it swaps the
 module's class for MeasuredLinear, whose parameters and state_dict are nn.Linear's. The model
-itself knows nothing of this; cli.load applies it to what it loads (`--matmul`). On a GPU nothing
-changes: F.linear.
+itself knows nothing of this, and neither do generate.py and decode.py: the commands that measure
+(bench.py, train.py, the tools) apply it at their call site, `kernels.use(args.matmul, model)`,
+with the `--matmul` flag of `add_arg`. On a GPU nothing changes: F.linear.
 """
 
 import itertools
@@ -115,6 +116,20 @@ class MeasuredLinear(nn.Linear):
 
     def forward(self, x):
         return linear(x, self.weight, self.bias)
+
+
+def add_arg(parser):
+    """The --matmul flag of the commands that apply the measured forms."""
+    parser.add_argument("--matmul", default="auto", choices=["auto", *FORMS],
+                        help="CPU form of x @ W.T: the faster one per weight shape and row count, timed at "
+                             "load (auto), or one forced (tools/kernels.py)")
+
+
+def use(matmul: str, *modules: nn.Module):
+    """--matmul for `modules`: the forms forced, or measured now (auto)."""
+    KERNELS.force = None if matmul == "auto" else matmul
+    for m in modules:
+        apply(m)
 
 
 def apply(module: nn.Module) -> float:

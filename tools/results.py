@@ -154,6 +154,32 @@ def latency_section(lat, figures) -> list:
     return out
 
 
+def targets_section(lat, bench) -> list:
+    """The speed targets against the floor and the fastest plain decoder, from the two files."""
+    rows = {x["rows"]: x for x in lat["rows"]["rows"]} if lat and lat.get("rows") else {}
+    out, cells = ["## The speed targets", ""], []
+    if 1 in rows and "compiled_ms" in rows[1]:
+        step = rows[1]["compiled_ms"]
+        cells.append(["compiled one-token step <= 1.5x the floor", f"{rows[1]['compiled_ratio']:.2f}x",
+                      "met" if rows[1]["compiled_ratio"] <= 1.5 else "missed"])
+        small = [f"{r}: {rows[r]['compiled_ms'] / step:.2f}x" for r in sorted(rows) if 1 < r <= 16]
+        ok = all(rows[r]["compiled_ms"] / step <= 1.3 for r in rows if 1 < r <= 16)
+        cells.append(["compiled passes of up to 16 rows <= 1.3x the compiled step", ", ".join(small),
+                      "met" if ok else "missed"])
+    if bench and bench.get("headline"):
+        h, summary = bench["headline"], bench["summary"]
+        cells.append(["best mode >= 1.3x the fastest plain decoder", f"{h['fastest']}: {h['speedup']['median']:.2f}x "
+                      f"{h['fastest_plain']}", "met" if h["speedup"]["median"] >= 1.3 else "missed"])
+        if "transfer" in summary:
+            sp = summary["transfer"]["speedup"]["median"]
+            cells.append(["eager >= 1.3x eager plain", f"{sp:.2f}x", "met" if sp >= 1.3 else "missed"])
+        cells.append(["0 mismatches", str(len(bench["mismatches"])), "met" if not bench["mismatches"] else "missed"])
+    if not cells:
+        return []
+    return out + table(["target", "measured", ""], cells) + [
+        "What each lever bought: docs/EXPERIMENTS.md, \"Speed against the floor\".", ""]
+
+
 def bench_section(path, b, figures) -> list:
     s, env = b["settings"], b["env"]
     mode = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}, top-p {s['top_p']}"
@@ -273,6 +299,9 @@ def write(args) -> str:
                  f"{args.latency}: `python bench.py --latency --out {args.latency}`"),
                 (benches, lambda: [line for path, b in benches.items() for line in bench_section(path, b, figures)],
                  "results.json: `python bench.py`")]
+    greedy = benches.get(args.bench[0]) if args.bench else None
+    if lat or greedy:
+        out += targets_section(lat, greedy)
     missing = []
     for data, section, how in sections:
         if data:
