@@ -22,10 +22,10 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from checkpoint import (DRAFTERS, check_ranks, default_checkpoint, load_drafter, open_checkpoint, save_atomic,
-                        train_command)
+from checkpoint import (DRAFTERS, check_ranks, default_checkpoint, drafter_spec, load_drafter, open_checkpoint,
+                        save_atomic, train_command)
 from cli import (DTYPES, HelpFormatter, add_common_args, check_common_args, check_writable, describe_machine,
-                 drafter_spec, fit_context, int_range, list_of, load, run_main)
+                 fit_context, int_range, list_of, load, run_main)
 from compiled import CompiledDrafter, CompiledModel, compiler_works, no_recompiles, static_length
 from data import pick_mtbench, read_mtbench
 from decode import generate_tree
@@ -173,7 +173,8 @@ def latency(model, drafters: dict, args) -> dict:
     for name, (drafter, _, accept, _) in drafters.items():
         if results["interrupted"]:
             break
-        results["latency"][name] = curve = latency_curve(model, drafter, accept, rates=rates)
+        floor = lambda rows, upper, layer: roofline.floor_ms(model, rates, rows, upper, layer)["ms"]
+        results["latency"][name] = curve = latency_curve(model, drafter, accept, floor=floor)
         print("\n" + latency_report(name, curve))
         results["interrupted"] = curve["interrupted"]
     return results

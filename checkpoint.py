@@ -9,6 +9,7 @@ a drafter from elsewhere loads only once the command line names its class again.
 written atomically (save_atomic). Read next: data.py.
 """
 
+import argparse
 import hashlib
 import importlib
 import importlib.util
@@ -303,3 +304,16 @@ def load_drafter(model: Transformer, path: str | None = None, kind: str | None =
         raise CheckpointError(f"{path} stores a bad plan: {e}") from None
     verify_checksum(ckpt, path)  # last: a hand-edited field gets its own reason above first
     return drafter, plan, f"drafter: {path} ({drafter.kind}), plan {plan.text()}"
+
+
+def drafter_spec(text):
+    """An argparse type: a drafter kind, or the class in FILE.py:Class or module:Class, imported and
+    registered (drafter_kind); returns the kind, else a one-line error."""
+    try:
+        return drafter_kind(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+DRAFTER_HELP = ("transfer: Hidden Transfer; medusa: the Medusa-1 baseline; or your own drafter.Drafter subclass, "
+                "FILE.py:Class or module:Class (README, 'Extending it')")

@@ -17,7 +17,6 @@ import sys
 import torch
 
 import tiny
-from checkpoint import drafter_kind
 from tokenizer import load_tokenizer
 from model import Transformer
 from weights import default_model_path, load_model
@@ -71,19 +70,6 @@ def list_of(item):
         except argparse.ArgumentTypeError as e:
             raise argparse.ArgumentTypeError(f"in {text!r}: {e}") from None
     return parse
-
-
-def drafter_spec(text):
-    """An argparse type: a drafter kind, or the class in FILE.py:Class or module:Class, imported and
-    registered (checkpoint.drafter_kind); returns the kind, else a one-line error."""
-    try:
-        return drafter_kind(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-DRAFTER_HELP = ("transfer: Hidden Transfer; medusa: the Medusa-1 baseline; or your own drafter.Drafter subclass, "
-                "FILE.py:Class or module:Class (README, 'Extending it')")
 
 
 def add_common_args(parser: argparse.ArgumentParser):

@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from checkpoint import check_ranks, load_drafter, open_checkpoint
-from cli import (DRAFTER_HELP, HelpFormatter, add_common_args, check_common_args, describe_machine, drafter_spec,
-                 encode_prompt, fit_context, load, run_main)
+from checkpoint import DRAFTER_HELP, check_ranks, drafter_spec, load_drafter, open_checkpoint
+from cli import (HelpFormatter, add_common_args, check_common_args, describe_machine, encode_prompt, fit_context,
+                 load, run_main)
 from compiled import CompiledDrafter, CompiledModel, static_length
 from generate import Generation, Sampler, generate, sync
 from model import KVCache

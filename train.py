@@ -23,10 +23,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from checkpoint import (DRAFTERS, SOURCES, build_drafter, default_checkpoint, open_checkpoint, save_atomic,
-                        save_checkpoint, verify_checksum)
-from cli import (DRAFTER_HELP, HelpFormatter, add_common_args, check_common_args, check_writable, describe_machine,
-                 drafter_spec, float_range, int_range, list_of, load, run_main, uninterrupted)
+from checkpoint import (DRAFTER_HELP, DRAFTERS, SOURCES, build_drafter, default_checkpoint, drafter_spec,
+                        open_checkpoint, save_atomic, save_checkpoint, verify_checksum)
+from cli import (HelpFormatter, add_common_args, check_common_args, check_writable, describe_machine,
+                 float_range, int_range, list_of, load, run_main, uninterrupted)
 from compiled import compiler_works
 from data import batches
 from distill import choose_positions, distill_loss, teacher_logprobs

@@ -25,7 +25,8 @@ def measured(tmp_path):
     rates = {"read_gb_s": 10.0, "peak_gflop_s": 100.0}
     lat = {"env": {"machine": "a test CPU", "dtype": "float32"}, "machine": rates,
            "rows": roofline.rows_curve(model, rates, rows=(1, 2), n_ctx=8, reps=1, compiled=False),
-           "latency": {"transfer": latency_curve(model, drafter, sizes=(1, 2), reps=1, rates=rates)}}
+           "latency": {"transfer": latency_curve(model, drafter, sizes=(1, 2), reps=1,
+                                              floor=lambda *a: roofline.floor_ms(model, rates, *a)["ms"])}}
     (tmp_path / "latency.json").write_text(json.dumps(lat))
     metrics = {"top1": [0.5, 0.25], "top5": [0.75, 0.5], "kl": [2.0, 3.0], "tau_chain": 1.62, "targets": 100}
     train = {"step": 10, "train_args": {"steps": 10, "data": "replies", "k": 2, "lr": 3e-3, "transfer_layer": None,

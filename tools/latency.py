@@ -96,19 +96,18 @@ def made_up_accept(k: int, top_r: int = 8) -> list:
 
 
 def latency_curve(model, drafter, accept=None, sizes=SIZES, n_ctx: int = CONTEXT, reps: int = REPS,
-                  rates: dict | None = None) -> dict:
+                  floor=None) -> dict:
     """{"step_ms", "rows": [{"nodes", "ms", "ratio", "tau", "speedup", "paths"}]}: for each size the best
     tree (tree_choice.build_tree) under the measured `accept` rates (k, top_r), timed against a one-token step.
     With no rates the trees come from a made-up table, and tau and speedup stay None: they would be
-    made up too. Given the machine's `rates` (tools/roofline.machine), each row also has its floor
-    ("floor_ms") and the one-token step's ("step_floor_ms"). Ctrl-C stops early and returns what was
-    measured, with "interrupted" set."""
-    from tools.roofline import floor_ms  # roofline times passes with this file's helpers
+    made up too. Given floor(rows, upper_rows, layer) -> ms (tools/roofline.floor_ms on this machine's
+    rates), each row also has its floor ("floor_ms") and the one-token step's ("step_floor_ms").
+    Ctrl-C stops early and returns what was measured, with "interrupted" set."""
     table = accept or made_up_accept(drafter.k)
     layer = getattr(drafter, "layer", model.args.n_layers)  # where pseudo rows join (Medusa: after the last)
     curve = {"n_ctx": n_ctx, "reps": reps, "step_ms": None, "rows": [], "interrupted": False}
-    if rates:
-        curve["step_floor_ms"] = floor_ms(model, rates, 1)["ms"]
+    if floor:
+        curve["step_floor_ms"] = floor(1, 1, layer)
     try:
         curve["step_ms"] = 1000 * step_latency(model, n_ctx, reps)
         for n in sizes:
@@ -117,9 +116,8 @@ def latency_curve(model, drafter, accept=None, sizes=SIZES, n_ctx: int = CONTEXT
             tau, ratio = (expected_tau(tree, accept) if accept else None), ms / curve["step_ms"]
             row = {"nodes": n, "ms": ms, "ratio": ratio, "tau": tau, "speedup": None if tau is None else tau / ratio,
                    "paths": [list(p) for p in tree.paths[1:]]}
-            if rates:
-                pseudo = Plan.full(tree, drafter.k).pseudo_rows
-                row["floor_ms"] = floor_ms(model, rates, n, n + pseudo, layer)["ms"]
+            if floor:
+                row["floor_ms"] = floor(n, n + Plan.full(tree, drafter.k).pseudo_rows, layer)
             curve["rows"].append(row)
     except KeyboardInterrupt:
         curve["interrupted"] = True
