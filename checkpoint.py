@@ -316,4 +316,4 @@ def drafter_spec(text):
 
 
 DRAFTER_HELP = ("transfer: Hidden Transfer; medusa: the Medusa-1 baseline; or your own drafter.Drafter subclass, "
-                "FILE.py:Class or module:Class (README, 'Extending it')")
+                "FILE.py:Class or module:Class (docs/EXTENDING.md)")

@@ -59,18 +59,15 @@ def spread_note(name: str, runs: list, gens: list) -> str | None:
     speeds = [g.tokens_per_s for g in gens]
     if not speeds or min(speeds) >= SPREAD * statistics.median(speeds):
         return None
-    med, slow = statistics.median(speeds), []
-    for r, g in zip(runs, gens):
-        if g.tokens_per_s < SPREAD * med:
-            prefill = g.prefill_s / max(g.prefill_s + g.decode_s, 1e-9)
-            slow.append(f"prompt {r['prompt']} ({r['category']}): {g.tokens_per_s:.1f} tokens/s, {len(g.tokens)} "
-                        f"tokens, the prompt's pass {100 * prefill:.0f}% of its time, load average "
-                        f"{r.get('load_average', '?')}")
-    why = ("short answers, where the prompt's pass weighs more" if all(
-        len(g.tokens) < 0.5 * statistics.median(len(h.tokens) for h in gens)
-        for g in gens if g.tokens_per_s < SPREAD * med) else "the machine was busier then (see the load average)")
-    return (f"{name}: slowest prompt {min(speeds) / med:.2f}x the median tokens/s ({med:.1f}), under "
-            f"{SPREAD}x: {why}. " + "; ".join(slow))
+    med, lengths = statistics.median(speeds), statistics.median(len(g.tokens) for g in gens)
+    slow = [(r, g) for r, g in zip(runs, gens) if g.tokens_per_s < SPREAD * med]
+    why = ("short answers, where the prompt's pass weighs more" if all(len(g.tokens) < 0.5 * lengths for _, g in slow)
+           else "the machine was busier then (see the load average)")
+    return (f"{name}: slowest prompt {min(speeds) / med:.2f}x the median tokens/s ({med:.1f}), under {SPREAD}x: "
+            f"{why}. " + "; ".join(
+                f"prompt {r['prompt']} ({r['category']}): {g.tokens_per_s:.1f} tokens/s, {len(g.tokens)} tokens, the "
+                f"prompt's pass {100 * g.prefill_s / max(g.prefill_s + g.decode_s, 1e-9):.0f}% of its time, load "
+                f"average {r.get('load_average', '?')}" for r, g in slow))
 
 
 def summarize(results: dict) -> dict:

@@ -137,3 +137,13 @@ def check_cache(model, prompt, emitted):
         torch.testing.assert_close(cache.k[:, :, :, :n], fresh.k, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cache.v[:, :, :, :n], fresh.v, rtol=1e-5, atol=1e-5)
     return hook
+
+
+def mapped(p, name) -> bool:
+    """Has process p a file whose path holds `name` mapped now (a model file while the loader reads
+    it, libtorch while Python imports torch)? Needs /proc."""
+    try:
+        with open(f"/proc/{p.pid}/maps") as f:
+            return name in f.read()
+    except OSError:
+        return False

@@ -19,6 +19,7 @@ import decode
 import generate
 import replies
 from checkpoint import save_checkpoint
+from conftest import mapped
 from test_checkpoint import model_dir  # noqa: F401  (the fixture)
 from test_cli import fake_sharegpt, read_until, script
 from tools import analysis, gpu_check, hf_baseline, results
@@ -178,14 +179,6 @@ def test_sigterm_and_a_double_ctrl_c_save_and_exit_in_one_line(signals, code, sa
     assert p.returncode == code and "Traceback" not in seen + err, seen + err
     assert err.strip().splitlines()[-1] == said and "to continue, add --resume" in stdout
     assert torch.load(out, weights_only=True)["step"] >= 1
-
-
-def mapped(p, name) -> bool:
-    try:
-        with open(f"/proc/{p.pid}/maps") as f:
-            return name in f.read()
-    except OSError:
-        return False
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc to see the import")

@@ -24,6 +24,7 @@ import train
 from data import read_mtbench, read_sharegpt
 from decode import generate_tree
 from cli import fit_context
+from conftest import mapped
 from generate import Sampler
 from tools import analysis
 from model import ModelArgs, Transformer
@@ -187,15 +188,6 @@ def test_ctrl_c_in_training_saves_and_exits_130(tmp_path):
     assert out.exists() and "to continue, add --resume" in stdout
 
 
-def loading(p, name) -> bool:
-    """Is process p reading the model file `name` now (the file is mapped while the loader reads it)?"""
-    try:
-        with open(f"/proc/{p.pid}/maps") as f:
-            return name in f.read()
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc to see the loading state")
 def test_ctrl_c_while_loading_exits_130_without_a_traceback():
     """Ctrl-C while the model loads. The test waits for that state, not for a clock: it stops the
@@ -205,10 +197,10 @@ def test_ctrl_c_while_loading_exits_130_without_a_traceback():
     name = os.path.basename(default_model_path())
     for attempt in range(5):
         p = script("generate.py", "--max-new-tokens", "4", "--threads", "1", "--device", "cpu")
-        while p.poll() is None and not loading(p, name):
+        while p.poll() is None and not mapped(p, name):
             time.sleep(0.005)
         p.send_signal(signal.SIGSTOP)
-        caught = loading(p, name)  # stopped: the state cannot change before SIGINT arrives
+        caught = mapped(p, name)  # stopped: the state cannot change before SIGINT arrives
         if caught:
             p.send_signal(signal.SIGINT)
         p.send_signal(signal.SIGCONT)
