@@ -3,11 +3,11 @@
 A drafter trained on another model's replies (ShareGPT's) learns contexts that decoding never
 shows it; trained on the base model's own answers it learns the text it will be asked to draft
 (Medusa's "self-distillation"; METHOD.md, "Training the projection"). The base model answers the
-first user turn of each conversation, many conversations at once (`generate_batch`: one pass serves
-B rows, and on a CPU a pass over 16 rows costs a few one-row steps). The replies are cached on disk
-under a key of everything that made them, written as they come (a Ctrl-C loses one batch at most,
-the next run resumes, and asking for more replies makes only the new ones), then turned into token
-windows like ShareGPT's (data.pack_windows).
+first (and, if asked, the second) user turn of each conversation, many conversations at once
+(batching.py: continuous batching, one pass serving B rows). The replies are cached on disk under
+a key of everything that made them, each written as it ends (a Ctrl-C loses the replies under way
+only, the next run resumes, and asking for more replies makes only the new ones), then turned into
+token windows like ShareGPT's (data.pack_windows).
 Read next: distill.py, what the drafter learns from them.
 """
 
@@ -17,69 +17,12 @@ import os
 import random
 import time
 
-import torch
 from tqdm import tqdm
 
+import batching
 from checkpoint import model_identity
 from data import encode_conversations, pack_windows, read_sharegpt, sharegpt_path
 from generate import Sampler
-from model import KVCache
-
-
-# ----------------------------------------------------------------------------- batched plain decoding
-
-@torch.no_grad()
-def generate_batch(model, prompts: list, max_new_tokens: int, samplers: list, stop_ids=()) -> list:
-    """Plain decoding of several prompts at once: row b emits what generate.generate(model,
-    prompts[b], max_new_tokens, samplers[b], stop_ids) would (its own seeded sampler, one draw per
-    emitted token), up to the rounding of a batched product. Returns the emitted token lists.
-
-    Prompts of different lengths are right-aligned: row b has pad_b masked slots before its prompt.
-    All rows share cache slots; each has its own positions (slot - pad_b) and mask row:
-
-        slot      0   1   2   3   4 | 5 ...      (prompt lengths 3 and 5: pad 2 and 0)
-        row 0     .   .   a   b   c | new tokens at positions 3, 4, ...
-        row 1     v   w   x   y   z | new tokens at positions 5, 6, ...
-
-    A row that emits a stop token or its last token leaves the batch (its cache rows are dropped),
-    so long replies do not make short ones pay.
-    """
-    B, dev = len(prompts), model.output.weight.device
-    lens = torch.tensor([len(p) for p in prompts], device=dev)
-    P = int(lens.max())
-    pad = P - lens                                                             # (B,)
-    tokens = torch.zeros(B, P, dtype=torch.long, device=dev)
-    for b, p in enumerate(prompts):
-        tokens[b, P - len(p):] = torch.tensor(p, device=dev)
-    slots = torch.arange(P + max_new_tokens, device=dev)
-    visible = slots[None, :] >= pad[:, None]                                   # (B, S): not a pad slot
-    causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-    # a pad row sees itself only: it is never read, but a row with no key would give NaN
-    mask = (causal[None] & visible[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)  # (B, P, P)
-    pos = (slots[None, :P] - pad[:, None]).clamp(min=0)                       # (B, P)
-    cache = KVCache(model.args, B, P + max_new_tokens, dev, model.output.weight.dtype)
-    logits = model(tokens, pos, mask, slots[:P], cache)[:, -1]                # (B, V)
-
-    rows, out = list(range(B)), [[] for _ in prompts]                          # rows: live prompts
-    for step in range(max_new_tokens):
-        keep, nxt = [], []
-        for i, b in enumerate(rows):
-            y = samplers[b](logits[i])
-            out[b].append(y)
-            if y not in stop_ids and step + 1 < max_new_tokens:
-                keep.append(i)
-                nxt.append(y)
-        if not keep:
-            break
-        if len(keep) < len(rows):  # finished rows leave: keep only the live rows of the cache
-            idx = torch.tensor(keep, device=dev)
-            cache.k, cache.v = cache.k[:, idx], cache.v[:, idx]
-            visible, pad = visible[idx], pad[idx]
-            rows = [rows[i] for i in keep]
-        slot = P + step                                                        # the new tokens' slot
-        logits = model(torch.tensor(nxt, device=dev)[:, None], (slot - pad)[:, None],
-                       visible[:, None, :slot + 1], slots[slot:slot + 1], cache)[:, -1]
-    return out
 
 
 # ----------------------------------------------------------------------------- the reply cache
@@ -126,18 +69,29 @@ def read_done(path: str) -> dict:
     return done
 
 
-def make_replies(model, tok, conversations: list, path: str, max_new_tokens: int, batch_size: int = 16,
+def prompt_of(conv: list, turn: int, tok) -> list | None:
+    """The prompt of a conversation's `turn`-th user turn (1 or 2), after any system turn, with
+    ShareGPT's own earlier exchange as its context; None if the conversation has no such turn."""
+    users = [j for j, m in enumerate(conv) if m["role"] == "user"]
+    if len(users) < turn:
+        return None
+    return tok.encode_chat(conv[:users[turn - 1] + 1], add_generation_prompt=True)[0]
+
+
+def make_replies(model, tok, conversations: list, path: str, max_new_tokens: int, batch_size: int = 0,
                  temperature: float = 0.7, top_p: float = 0.9, sampled: float = 0.0, seed: int = 0,
-                 max_prompt: int = 192, desc: str = "own replies") -> list:
-    """The base model's reply to the first user turn (after any system turn) of each conversation,
-    as records {"index", "prompt", "reply", "sampled"} (token ids), cached in `path` (JSON lines).
+                 max_prompt: int = 192, turn: int = 1, desc: str = "own replies", stats: dict | None = None) -> list:
+    """The base model's reply to the first (turn=1) or second (turn=2) user turn of each
+    conversation, as records {"index", "prompt", "reply", "sampled"} (token ids), cached in `path`
+    (JSON lines), made by continuous batching (batching.py) over batch_size rows (0: the size the
+    measured pass-cost curve picks, batching.pick_batch_size).
 
     A share `sampled` of the replies (chosen per conversation by the seed) is drawn at `temperature`
     and `top_p`, the rest greedy; each with its own seeded sampler, so a reply does not depend on the
-    batch it was made in. Prompts over `max_prompt` tokens are skipped. Records are appended to
-    `path` batch by batch, each line whole and flushed to disk: a line an interrupt cut is dropped
+    batch it was made in. Prompts over `max_prompt` tokens are skipped. Each record is appended to
+    `path` as its reply ends, the line whole and flushed to disk: a line an interrupt cut is dropped
     and made again, so an interrupted run resumes where it stopped, and a later run asking for more
-    conversations makes only the new ones.
+    conversations makes only the new ones. stats, if given, gets the generation's numbers.
     """
     done = read_done(path)
     if os.path.exists(path):  # drop a line an interrupt cut, so that appending starts on a new line
@@ -145,27 +99,40 @@ def make_replies(model, tok, conversations: list, path: str, max_new_tokens: int
             f.truncate(f.read().rfind(b"\n") + 1)
     todo = []
     for i, conv in enumerate(conversations):
-        turns = conv[:2] if conv[0]["role"] == "system" else conv[:1]
-        prompt, _ = tok.encode_chat(turns, add_generation_prompt=True)
-        if i not in done and len(prompt) <= max_prompt:
+        prompt = None if i in done else prompt_of(conv, turn, tok)
+        if prompt is not None and len(prompt) <= max_prompt:
             todo.append((i, prompt, random.Random(seed * 1_000_003 + i).random() < sampled))
     if todo:
+        predicted = None  # decoding tokens/s the pass-cost curve predicts, when it picks the batch
+        if not batch_size:
+            costs = batching.pass_costs(model, max_prompt + max_new_tokens)
+            batch_size = batching.pick_batch_size(costs)
+            predicted = batch_size / costs[batch_size]
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         asked = sum(i < len(conversations) for i in done)
         bar = tqdm(total=len(todo) + asked, initial=asked, unit="reply", desc=desc)
+        samplers = [Sampler(temperature, top_p, seed * 1_000_003 + i) if s else Sampler() for i, _, s in todo]
+        new_tokens, t0 = 0, time.perf_counter()
         with open(path, "a", encoding="utf-8") as f:
-            for j in range(0, len(todo), batch_size):
-                batch = todo[j:j + batch_size]
-                samplers = [Sampler(temperature, top_p, seed * 1_000_003 + i) if s else Sampler()
-                            for i, _, s in batch]
-                outs = generate_batch(model, [p for _, p, _ in batch], max_new_tokens, samplers, tok.stop_ids)
-                for (i, prompt, s), reply in zip(batch, outs):
-                    done[i] = {"index": i, "prompt": prompt, "reply": reply, "sampled": s}
-                    f.write(json.dumps(done[i]) + "\n")
+            for j, reply in batching.generate_stream(model, [p for _, p, _ in todo], max_new_tokens, samplers,
+                                                     tok.stop_ids, batch_size):
+                i, prompt, s = todo[j]
+                done[i] = {"index": i, "prompt": prompt, "reply": reply, "sampled": s}
+                f.write(json.dumps(done[i]) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-                bar.update(len(batch))
+                new_tokens += len(reply)
+                bar.update()
+                bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}", rows=batch_size)
         bar.close()
+        seconds = time.perf_counter() - t0
+        line = f"{desc}: {len(todo)} replies, {new_tokens} new tokens in {seconds / 60:.1f} min, " \
+               f"{new_tokens / seconds:.0f} tokens/s over {batch_size} rows"
+        print(line + (f" (the pass-cost curve predicts {predicted:.0f} for decoding alone)" if predicted else ""))
+        if stats is not None:
+            stats.setdefault("generation", []).append(
+                {"set": desc, "replies": len(todo), "new_tokens": new_tokens, "seconds": seconds,
+                 "rows": batch_size, "predicted_tokens_s": predicted})
     return [done[i] for i in sorted(done) if i < len(conversations)]
 
 
@@ -197,7 +164,9 @@ def load_windows(args, model, tok):
     conversations. Held out, always both: the base model's greedy replies to the held-out prompts
     ("own", where decoding happens) and the held-out ShareGPT conversations, in EVAL_SEQ_LEN-token
     windows, at most --eval-windows of each. Replies and windows are cached in --cache-dir.
-    info: {"note", "generation_min"}.
+    --second-turns: also the replies to the second user turn of the first N training conversations
+    that have one, after ShareGPT's own first exchange. info: {"note", "generation_min", and the
+    "generation" numbers of make_replies}.
     """
     path = args.sharegpt or sharegpt_path()
     source = [os.path.abspath(path), os.path.getsize(path), tok.template]
@@ -208,21 +177,30 @@ def load_windows(args, model, tok):
     held_c, train_c = conversations[:args.holdout], conversations[args.holdout:]
     identity, t0 = model_identity(model), time.perf_counter()
 
-    def replies(convs, name, tokens, **sampling):  # a file per setting; more conversations extend it
-        settings = {"holdout": args.holdout, "tokens": tokens, "set": name, **sampling}
+    stats = {}
+
+    def replies(convs, name, tokens, turn=1, **sampling):  # a file per setting; more conversations extend it
+        max_prompt = args.max_prompt * turn  # a second turn's prompt holds a whole exchange before it
+        settings = {"holdout": args.holdout, "tokens": tokens, "set": name, **sampling,
+                    **({"turn": turn, "max_prompt": max_prompt} if turn > 1 or max_prompt != 192 else {})}
         key = reply_key(identity, json.dumps(source), settings)
         return make_replies(model, tok, convs, os.path.join(args.cache_dir, f"replies-{name}-{key}.jsonl"),
-                            tokens, args.reply_batch, desc=f"{name} replies", **sampling)
+                            tokens, args.reply_batch, desc=f"{name} replies", max_prompt=max_prompt, turn=turn,
+                            stats=stats, **sampling)
 
     eval_len = min(EVAL_SEQ_LEN, model.args.max_seq_len)
     held = {"own": pack_windows(reply_pairs(replies(held_c, "held-out", HELD_REPLY_TOKENS), tok), eval_len,
                                 max_windows=args.eval_windows),
             "sharegpt": encode_conversations(tok, held_c, eval_len, max_windows=args.eval_windows)}
     if args.data == "replies":
-        own = replies(train_c[:args.replies], "train", args.reply_tokens, temperature=args.reply_temperature,
-                      top_p=args.reply_top_p, sampled=args.sampled, seed=args.seed)
-        train = pack_windows(reply_pairs(own, tok), args.seq_len)
+        sampling = dict(temperature=args.reply_temperature, top_p=args.reply_top_p, sampled=args.sampled, seed=args.seed)
+        own = replies(train_c[:args.replies], "train", args.reply_tokens, **sampling)
         what = f"the base model's replies to {len(own)} of {min(args.replies, len(train_c))} training prompts"
+        if args.second_turns:
+            second = replies(train_c[:args.second_turns], "train", args.reply_tokens, turn=2, **sampling)
+            own += second
+            what += f" and to {len(second)} second turns"
+        train = pack_windows(reply_pairs(own, tok), args.seq_len)
     else:
         train = encode_conversations(tok, train_c, args.seq_len)
         what = f"{len(train_c)} ShareGPT conversations"
@@ -239,4 +217,4 @@ def load_windows(args, model, tok):
     note = (f"training: {len(train)} windows of {args.seq_len} tokens from {what}; held out: "
             + ", ".join(f"{len(w)} {n} windows" for n, w in held.items())
             + f" from {args.holdout} conversations of {path}")
-    return train, held, {"note": note, "generation_min": generation_min}
+    return train, held, {"note": note, "generation_min": generation_min, **stats}

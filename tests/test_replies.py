@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import batching
 import replies
 import train
 from conftest import tiny
@@ -21,16 +22,31 @@ def prompts_of(lengths, seed=1):
 
 
 @pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (0.9, 1.0), (0.8, 0.9)])
-def test_batched_generation_equals_one_at_a_time(temperature, top_p, device):
-    """Prompts of different lengths in one batch, each with its own seeded sampler; rows stop at the
-    stop token or the budget, and leave the batch, at different steps."""
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_continuous_batching_equals_one_at_a_time(temperature, top_p, rows, device):
+    """Prompts of different lengths, each with its own seeded sampler; rows stop at the stop token or
+    the budget at different steps, and the next prompts join in their place (rows < prompts) or the
+    batch shrinks (rows >= prompts)."""
     model = tiny(0, device)
-    prompts = prompts_of((3, 11, 5, 12, 1))
-    seeds = range(5, 10)  # seeds with which some rows stop early, in every setting
-    outs = replies.generate_batch(model, prompts, 24, [Sampler(temperature, top_p, s) for s in seeds], {STOP})
+    prompts = prompts_of((3, 11, 5, 12, 1, 7, 2, 9, 4))
+    seeds = range(5, 14)  # seeds with which some rows stop early, in every setting
+    samplers = [Sampler(temperature, top_p, s) for s in seeds]
+    ended = [i for i, _ in batching.generate_stream(model, prompts, 24, samplers, {STOP}, rows)]
+    assert sorted(ended) == list(range(9))
+    if rows == 3 and temperature:  # sampled replies end at different lengths
+        assert ended != sorted(ended), "replies should end out of order, so that prompts join mid-batch"
+    samplers = [Sampler(temperature, top_p, s) for s in seeds]
+    outs = batching.generate_batch(model, prompts, 24, samplers, {STOP}, rows)
     refs = [generate(model, p, 24, Sampler(temperature, top_p, s), {STOP}).tokens for s, p in zip(seeds, prompts)]
     assert outs == refs
     assert len({len(o) for o in outs}) > 1, "rows should finish at different steps"
+
+
+def test_batch_size_comes_from_the_pass_cost_curve():
+    assert batching.pick_batch_size({1: 1.0, 2: 1.0, 4: 1.2, 8: 2.4}) == 4     # 8 rows buy nothing more
+    assert batching.pick_batch_size({1: 1.0, 2: 1.9, 4: 3.9}) == 1             # no gain from batching
+    costs = batching.pass_costs(tiny(), 20, sizes=(1, 2), reps=1)
+    assert set(costs) == {1, 2} and all(s > 0 for s in costs.values())
 
 
 class Tok:
@@ -67,24 +83,25 @@ def test_reply_cache_resumes_after_an_interrupt_and_grows(tmp_path, monkeypatch)
         sampler = Sampler(0.0) if not r["sampled"] else Sampler(0.7, 0.9, 4 * 1_000_003 + r["index"])
         assert r["reply"] == generate(model, r["prompt"], 10, sampler, {0}).tokens
 
-    # interrupted in the second batch, with a line half written: the rerun drops that line, makes
+    # interrupted after three replies, with a line half written: the rerun drops that line, makes
     # only what is missing, and ends with the same replies
-    path2, calls, real = str(tmp_path / "r2.jsonl"), [], replies.generate_batch
+    path2, calls, real = str(tmp_path / "r2.jsonl"), [], batching.generate_stream
 
     def interrupted(model, prompts, *a, **kw):
         calls.append(len(prompts))
-        if calls == [3, 3]:  # the first run's second batch
-            with open(path2, "a") as f:
-                f.write('{"index": 5, "prom')  # a line the interrupt cut
-            raise KeyboardInterrupt
-        return real(model, prompts, *a, **kw)
-    monkeypatch.setattr(replies, "generate_batch", interrupted)
+        for n, reply in enumerate(real(model, prompts, *a, **kw)):
+            if calls == [7] and n == 3:  # the first run, after three replies were written
+                with open(path2, "a") as f:
+                    f.write('{"index": 5, "prom')  # a line the interrupt cut
+                raise KeyboardInterrupt
+            yield reply
+    monkeypatch.setattr(batching, "generate_stream", interrupted)
     with pytest.raises(KeyboardInterrupt):
         replies.make_replies(model, Tok(), convs, path2, 10, batch_size=3, sampled=0.5, seed=4)
     assert len(replies.read_done(path2)) == 3
     calls.clear()
     assert replies.make_replies(model, Tok(), convs, path2, 10, batch_size=3, sampled=0.5, seed=4) == made
-    assert calls == [3, 1]
+    assert calls == [4]
 
     # asking for fewer gives the first ones; asking for more makes only the new ones
     path3 = str(tmp_path / "r3.jsonl")
@@ -92,8 +109,21 @@ def test_reply_cache_resumes_after_an_interrupt_and_grows(tmp_path, monkeypatch)
     calls.clear()
     assert replies.make_replies(model, Tok(), convs, path3, 10, batch_size=3, sampled=0.5, seed=4) == made
     assert calls == [3]
-    monkeypatch.setattr(replies, "generate_batch", None)  # all there: nothing generated
+    monkeypatch.setattr(batching, "generate_stream", None)  # all there: nothing generated
     assert replies.make_replies(model, Tok(), convs[:5], path3, 10) == made[:5]
+
+
+def test_second_turns_follow_the_first_exchange(tmp_path):
+    tok = Tok()
+    conv = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "cd"},
+            {"role": "user", "content": "ef"}, {"role": "assistant", "content": "gh"}]
+    assert replies.prompt_of(conv, 1, tok) == tok.encode_chat(conv[:1])[0]
+    assert replies.prompt_of(conv, 2, tok) == tok.encode_chat(conv[:3])[0]
+    assert replies.prompt_of(conv[:2], 2, tok) is None
+    model, path = tiny(), str(tmp_path / "turn2.jsonl")
+    made = replies.make_replies(model, tok, [conv, conv[:2]], path, 6, batch_size=2, turn=2)
+    assert [r["index"] for r in made] == [0] and made[0]["prompt"] == tok.encode_chat(conv[:3])[0]
+    assert made[0]["reply"] == generate(model, made[0]["prompt"], 6, Sampler(), {0}).tokens
 
 
 def test_reply_key_names_everything_that_made_the_replies():
