@@ -42,13 +42,24 @@ def teacher_logprobs(model, h_L, positions, k):
     return logp[inverse]
 
 
-def distill_loss(logits, teacher, valid, weights, topk=0):
+def distill_loss(logits, teacher, valid, weights, topk=0, objective="kl", width=8):
     """sum_i w_i KL(P_(p+i) || Q_(p,i)), averaged over valid targets. Returns (loss, kl (B, P, k)).
-    topk > 0 keeps only the teacher's top-k tokens, renormalised (Q stays over the full vocabulary)."""
+    topk > 0 keeps only the teacher's top-k tokens, renormalised (Q stays over the full vocabulary).
+
+    objective "tree" adds, per target, the cross-entropy of the teacher's top-1 token wherever the
+    drafter ranks it among its top `width`: greedy verification accepts a draft when it IS that token,
+    and a tree holds the drafter's top few, so those are the targets where raising that one token's
+    rank buys acceptance; a target ranked further down is left to the KL."""
     logp, logq = teacher, F.log_softmax(logits.float(), dim=-1)                # (B, P, k, V)
+    if objective == "tree":
+        right = logq.gather(-1, teacher.argmax(-1, keepdim=True))               # (B, P, k, 1): log Q(top-1 of P)
+        winnable = ((logq > right).sum(-1) < width).detach()                    # ranked within the tree's width
+        extra = -right[..., 0] * winnable
+    else:
+        extra = 0.0
     if topk:
         logp, idx = teacher.topk(topk, dim=-1)
         logp, logq = logp - logp.logsumexp(-1, keepdim=True), logq.gather(-1, idx)
     kl = (logp.exp() * (logp - logq)).sum(-1)                                  # (B, P, k)
     w = torch.as_tensor(weights, dtype=kl.dtype, device=kl.device)
-    return (kl * w * valid).sum() / valid.sum().clamp(min=1), kl.detach()
+    return ((kl + extra) * w * valid).sum() / valid.sum().clamp(min=1), kl.detach()

@@ -5,6 +5,9 @@ its evaluation and the plan choice stay in fp32. Read train.py first.
 """
 
 import copy
+import hashlib
+import json
+import os
 import time
 
 import torch
@@ -13,26 +16,65 @@ from model import causal_mask
 
 
 class FrozenPasses:
-    """Each window's frozen pass (drafter.frozen_pass), computed once and reused every epoch, up to
-    `budget` bytes of them (the rest are computed each time): the frozen pass is most of a step."""
+    """Each window's frozen pass (drafter.frozen_pass), computed once and reused every epoch: the
+    frozen pass is most of a training step. Up to `budget` bytes of them stay in memory; with a
+    `spill` folder, the rest go to disk there, up to `disk_budget` bytes, and the rest after that
+    are computed each time. So memory never holds more than `budget` bytes of them, however many
+    windows there are.
 
-    def __init__(self, budget: float):
+    On disk a pass is a file named by a digest of the window's tokens, in a folder named by `key`
+    (a digest of the model, the drafter's configuration and the frozen model's dtype: whatever
+    changes a frozen pass): a later run with the same key reads the passes an earlier one made, an
+    interrupted one included, since each file is written whole or not at all."""
+
+    def __init__(self, budget: float, spill: str | None = None, key: str = "", disk_budget: float = 0.0):
         self.budget, self.used, self.kept = budget, 0, {}
+        self.folder = os.path.join(spill, f"frozen-{key}") if spill and disk_budget > 0 else None
+        self.disk_budget = disk_budget
+        if self.folder and os.path.isdir(self.folder):
+            self.disk_used = sum(os.path.getsize(os.path.join(self.folder, f)) for f in os.listdir(self.folder))
+        else:
+            self.disk_used = 0
 
     def __call__(self, drafter, model, indices, ids):
-        keys = indices.tolist()
-        if all(i in self.kept for i in keys):
-            parts = [self.kept[i] for i in keys]
-            return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+        parts = [self.lookup(i, ids[b]) for b, i in enumerate(indices.tolist())]
+        if all(p is not None for p in parts):
+            return {name: torch.cat([p[name] for p in parts]).to(ids.device) for name in parts[0]}
         frozen = drafter.frozen_pass(model, ids)
-        for b, i in enumerate(keys):
-            if frozen is None or i in self.kept:
-                continue
-            row = {name: t[b:b + 1].clone() for name, t in frozen.items()}
-            size = sum(t.numel() * t.element_size() for t in row.values())
-            if self.used + size <= self.budget:
-                self.kept[i], self.used = row, self.used + size
+        if frozen is not None:
+            for b, i in enumerate(indices.tolist()):
+                if parts[b] is None:
+                    self.keep(i, ids[b], {name: t[b:b + 1].clone() for name, t in frozen.items()})
         return frozen
+
+    def file(self, ids) -> str:
+        return os.path.join(self.folder, hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()[:24] + ".pt")
+
+    def lookup(self, i: int, ids):
+        if i in self.kept:
+            return self.kept[i]
+        if self.folder and os.path.exists(self.file(ids)):
+            return torch.load(self.file(ids), weights_only=True)
+        return None
+
+    def keep(self, i: int, ids, row: dict):
+        size = sum(t.numel() * t.element_size() for t in row.values())
+        if self.used + size <= self.budget:
+            self.kept[i], self.used = row, self.used + size
+        elif self.folder and self.disk_used + size <= self.disk_budget:
+            os.makedirs(self.folder, exist_ok=True)
+            path = self.file(ids)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            torch.save({name: t.cpu() for name, t in row.items()}, tmp)
+            os.replace(tmp, path)  # whole or not at all: an interrupt leaves at most a .tmp file
+            self.disk_used += os.path.getsize(path)
+
+
+def frozen_key(model_identity: dict, drafter, dtype) -> str:
+    """The digest that names a folder of frozen passes: what changes them."""
+    text = json.dumps({"model": model_identity, "kind": drafter.kind, "config": drafter.config(),
+                       "dtype": str(dtype)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def frozen_copy(args, model, ids, prepare=None):

@@ -24,14 +24,14 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import (DRAFTER_HELP, DRAFTERS, SOURCES, build_drafter, default_checkpoint, drafter_spec,
-                        open_checkpoint, save_atomic, save_checkpoint, verify_checksum)
+                        model_identity, open_checkpoint, save_atomic, save_checkpoint, verify_checksum)
 from cli import (HelpFormatter, add_common_args, check_common_args, check_writable, describe_machine,
                  float_range, int_range, list_of, load, run_main, uninterrupted)
 from compiled import compiler_works
 from data import batches
 from distill import choose_positions, distill_loss, teacher_logprobs
 from evaluate import evaluate_all, format_all
-from frozen import FrozenPasses, frozen_copy
+from frozen import FrozenPasses, frozen_copy, frozen_key
 from plan import Plan
 import tiny
 from replies import load_windows
@@ -44,11 +44,14 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def lr_at(step: int, args) -> float:
-    """Linear warm-up, then cosine decay to lr/10: a pure function of the step, so nothing to resume."""
+def lr_at(step: int, args, train_s: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to lr/10: a pure function of the step (with --budget-minutes,
+    of the step and the seconds trained so far, which a checkpoint keeps), so nothing to resume."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     done = (step - args.warmup) / max(1, args.steps - args.warmup)
+    if args.budget_minutes:  # the decay runs over the time budget, or the steps if they end first
+        done = max(done, train_s / (60 * args.budget_minutes))
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
 
 
@@ -67,7 +70,7 @@ def diverged(loss: float, drafter) -> str | None:
     return None
 
 
-def train_step(model, drafter, opt, ids, assistant, args, step, frozen=None) -> float:
+def train_step(model, drafter, opt, ids, assistant, args, step, frozen=None, train_s=0.0) -> float:
     """One optimizer step on a batch: ids, assistant (B, T); frozen: the batch's frozen pass, if kept.
     model is the frozen model the pseudo tokens run through (bf16 or fp32). Returns the loss."""
     positions, valid = choose_positions(assistant, args.positions_per_seq, drafter.k,
@@ -76,8 +79,8 @@ def train_step(model, drafter, opt, ids, assistant, args, step, frozen=None) -> 
     with torch.no_grad():
         teacher = teacher_logprobs(model, h_L, positions, drafter.k)
     logits = drafter.draft_logits(model, states)
-    loss, _ = distill_loss(logits, teacher, valid, args.offset_weights, args.teacher_topk)
-    opt.param_groups[0]["lr"] = lr_at(step, args)
+    loss, _ = distill_loss(logits, teacher, valid, args.offset_weights, args.teacher_topk, args.objective)
+    opt.param_groups[0]["lr"] = lr_at(step, args, train_s)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
@@ -87,9 +90,9 @@ def train_step(model, drafter, opt, ids, assistant, args, step, frozen=None) -> 
 
 # ----------------------------------------------------------------------------- the loop
 
-RUN_KEYS = ("drafter", "data", "replies", "reply_tokens", "sampled", "seq_len", "batch_size",
-            "positions_per_seq", "lr", "warmup", "seed", "offset_weights", "teacher_topk", "conversations",
-            "holdout")
+RUN_KEYS = ("drafter", "data", "replies", "second_turns", "reply_tokens", "sampled", "seq_len", "batch_size",
+            "positions_per_seq", "lr", "warmup", "seed", "offset_weights", "teacher_topk", "objective",
+            "budget_minutes", "conversations", "holdout")
 
 
 def make_drafter(args, model):
@@ -159,18 +162,19 @@ def run(args, model, train_windows, held: dict, frozen_model=None, world=(0, 1),
     trainee = distributed.wrap(drafter) if world[1] > 1 else drafter   # DDP: gradients averaged over ranks
     data = batches(train_windows, args.batch_size, args.seed, start_step=step)
     data = distributed.shard(data) if world[1] > 1 else data            # each rank its rows of a batch
-    frozen = FrozenPasses(args.frozen_cache_gb * 2**30)
+    frozen = FrozenPasses(args.frozen_cache_gb * 2**30, spill=args.cache_dir, disk_budget=args.frozen_disk_gb * 2**30,
+                          key=frozen_key(model_identity(frozen_model), drafter, frozen_model.output.weight.dtype))
     first, before_s = step, train_s  # train_s: seconds in training steps, earlier runs included
     fields = lambda **more: {"step": step, "optimizer": opt.state_dict(), "train_args": dict(vars(args)),
                              "history": history, "evals": evals, "train_s": train_s, **more}
-    bar = tqdm(total=args.steps, initial=step, unit="step", desc=f"training {args.drafter}")
+    bar = tqdm(total=None if args.budget_minutes else args.steps, initial=step, unit="step", desc=f"training {args.drafter}")
     try:
-        while step < args.steps:
+        while step < args.steps and not (args.budget_minutes and train_s >= 60 * args.budget_minutes):
             indices, ids, assistant = next(data)
             t0 = time.perf_counter()
             ids, assistant = ids.to(dev), assistant.to(dev)
             loss = train_step(frozen_model, trainee, opt, ids, assistant, args, step,
-                              frozen(drafter, frozen_model, indices, ids))
+                              frozen(drafter, frozen_model, indices, ids), train_s)
             why = diverged(loss, drafter)
             if why:  # nothing is saved: --drafter-checkpoint keeps the last good state, if any
                 raise ValueError(f"training diverged at step {step + 1}: {why}; lower --lr (now {args.lr:g}). "
@@ -248,7 +252,13 @@ def parse_args(argv=None):
                         "ShareGPT's conversations as they are")
     p.add_argument("--replies", type=int_range(1), default=400, help="training prompts the base model answers")
     p.add_argument("--reply-tokens", type=int_range(1), default=128, help="longest reply, in tokens")
-    p.add_argument("--reply-batch", type=int_range(1), default=16, help="replies generated together")
+    p.add_argument("--reply-batch", type=int_range(0), default=0,
+                   help="rows of the continuous batch the replies are made in (0: picked from the measured pass costs)")
+    p.add_argument("--second-turns", type=int_range(0), default=0,
+                   help="also answer the second user turn of this many training conversations (after ShareGPT's "
+                        "first exchange)")
+    p.add_argument("--max-prompt", type=int_range(1), default=192,
+                   help="longest prompt answered, in tokens (second turns: twice this)")
     p.add_argument("--sampled", type=float_range(0, 1), default=0.0,
                    help="share of the replies sampled (at --reply-temperature, --reply-top-p), the rest greedy")
     p.add_argument("--reply-temperature", type=float_range(0, lo_open=True), default=0.7,
@@ -273,6 +283,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int_range(0), default=50, help="warm-up steps before the cosine decay")
     p.add_argument("--offset-weights", type=list_of(float_range(0)), default=None,
                    help="loss weights w_i, one per offset, e.g. 1,0.8,0.6; None = 1, 0.5, 0.25, ...")
+    p.add_argument("--objective", default="kl", choices=["kl", "tree"],
+                   help="kl: the full-vocabulary KL; tree: plus the teacher's top-1 token's cross-entropy where "
+                        "the drafter ranks it within a tree's width (distill.distill_loss)")
+    p.add_argument("--budget-minutes", type=float_range(0), default=0,
+                   help="stop training after this many minutes, the learning rate decaying over them (0: --steps only)")
     p.add_argument("--teacher-topk", type=int_range(0), default=0,
                    help="KL over the teacher's top-K tokens only, renormalised (0 = full vocabulary)")
     p.add_argument("--frozen-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -280,6 +295,8 @@ def parse_args(argv=None):
                         "evaluation and the plan choice stay in --dtype)")
     p.add_argument("--frozen-cache-gb", type=float_range(0), default=4.0,
                    help="memory for keeping each window's frozen pass to reuse every epoch (0: recompute)")
+    p.add_argument("--frozen-disk-gb", type=float_range(0), default=16.0,
+                   help="disk under --cache-dir for the frozen passes beyond --frozen-cache-gb, kept for later runs")
     # the end of the run
     p.add_argument("--eval-every", type=int_range(0), default=600, help="eval and save every N steps; 0: end")
     p.add_argument("--top-r", type=int_range(1), default=10, help="draft ranks measured for acceptance rates")

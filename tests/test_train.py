@@ -4,13 +4,16 @@ Tiny random models and fake windows; every test runs in seconds. The key test is
 test_training_pseudo_logits_equal_decoding: training and decoding see the same pseudo tokens.
 """
 
+import os
+
 import pytest
 import torch
 
 import distill
 import evaluate
+import frozen
 import train
-from checkpoint import build_drafter, load_drafter, open_checkpoint
+from checkpoint import build_drafter, load_drafter, model_identity, open_checkpoint
 from conftest import fake_windows, perturb, tiny
 from decode import generate_tree
 from generate import Sampler, generate
@@ -30,7 +33,7 @@ def args_for(tmp_path, *flags):
     return train.parse_args(["--seq-len", str(T), "--positions-per-seq", "6", "--transfer-layer", "2", "--k", "3",
                              "--lr", "1e-2", "--warmup", "2", "--eval-every", "0", "--tree-sizes", "2,3",
                              "--compiled-finalists", "0", "--drafter-checkpoint", str(tmp_path / "drafter.pt"),
-                             *flags])
+                             "--cache-dir", str(tmp_path / "cache"), *flags])
 
 
 def random_drafter(kind, model, seed=0):
@@ -187,11 +190,61 @@ def test_held_out_positions_are_fixed_per_window(monkeypatch):
 
 
 def test_reusing_frozen_passes_changes_nothing(tmp_path):
-    """Each window's frozen pass kept and reused (--frozen-cache-gb) trains exactly what recomputing does."""
+    """Each window's frozen pass kept and reused, in memory (--frozen-cache-gb) or on disk
+    (--frozen-disk-gb), trains exactly what recomputing does."""
     model, data = tiny(), fake_windows(3)
-    runs = [train.run(args_for(tmp_path / str(gb), "--steps", "7", "--tree-sizes", "", "--frozen-cache-gb", gb),
-                      model, data, fake_windows(1, seed=1)) for gb in ("0", "1")]
-    assert runs[0]["history"] == runs[1]["history"]
+    runs = [train.run(args_for(tmp_path / f"{ram}-{disk}", "--steps", "7", "--tree-sizes", "", "--frozen-cache-gb", ram,
+                               "--frozen-disk-gb", disk), model, data, fake_windows(1, seed=1))
+            for ram, disk in (("0", "0"), ("1", "0"), ("0", "1"))]
+    assert runs[0]["history"] == runs[1]["history"] == runs[2]["history"]
+    assert not os.path.exists(tmp_path / "1-0" / "cache") and not os.path.exists(tmp_path / "0-0" / "cache")
+    assert len(os.listdir(next((tmp_path / "0-1" / "cache").iterdir()))) == 3  # one file per window
+
+
+def test_frozen_passes_on_disk_are_keyed_and_survive_an_interrupt(tmp_path, monkeypatch):
+    model, windows = tiny(), fake_windows(4)
+    drafter, calls = random_drafter("transfer", model), []
+    real = HiddenTransfer.frozen_pass
+    monkeypatch.setattr(HiddenTransfer, "frozen_pass", lambda self, m, ids: calls.append(len(ids)) or real(self, m, ids))
+    key = frozen.frozen_key(model_identity(model), drafter, torch.float32)
+    store = frozen.FrozenPasses(0, spill=str(tmp_path), key=key, disk_budget=2**30)
+    batch = lambda js: (torch.tensor(js), torch.stack([windows[j][0] for j in js]))
+    first = store(drafter, model, *batch([0, 1]))  # computed, written
+    (tmp_path / f"frozen-{key}" / "half-written.pt.123.tmp").write_bytes(b"cut")  # what an interrupt leaves
+    again = frozen.FrozenPasses(0, spill=str(tmp_path), key=key, disk_budget=2**30)  # a later run
+    calls.clear()
+    read = again(drafter, model, *batch([1, 0]))  # from disk: no frozen pass
+    assert calls == [] and all(torch.equal(read[n], first[n].flip(0)) for n in first)
+    again(drafter, model, *batch([2, 0]))  # window 2 is new: computed
+    assert calls == [2]
+    other = HiddenTransfer(model.args.dim, 3, 1)  # another transfer layer: other frozen passes, another key
+    assert frozen.frozen_key(model_identity(model), other, torch.float32) != key
+    assert frozen.frozen_key(model_identity(model), drafter, torch.bfloat16) != key
+    small = frozen.FrozenPasses(0, spill=str(tmp_path / "small"), key=key, disk_budget=1)  # the bound holds
+    small(drafter, model, *batch([0]))
+    assert not os.path.exists(tmp_path / "small" / f"frozen-{key}") or not os.listdir(tmp_path / "small" / f"frozen-{key}")
+
+
+def test_a_time_budget_ends_training_and_the_decay(tmp_path, monkeypatch):
+    args = args_for(tmp_path, "--steps", "1000", "--budget-minutes", "0.5", "--warmup", "0")
+    assert train.lr_at(10, args, 0.0) > 0.99 * args.lr and train.lr_at(10, args, 30.0) == pytest.approx(0.1 * args.lr)
+    clock = iter(range(0, 10**6, 10))  # each step takes 10 "seconds": 30 s of budget is 3 steps
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock) / 2)
+    out = train.run(args_for(tmp_path, "--steps", "1000", "--budget-minutes", "0.5", "--tree-sizes", ""),
+                    tiny(), fake_windows(3), fake_windows(1, seed=1))
+    assert out["step"] == 6 and out["train_s"] >= 30
+
+
+def test_the_tree_objective_adds_the_winnable_top1_cross_entropy():
+    teacher = torch.log_softmax(torch.tensor([[[[3.0, 2.0, 0.0, -1.0]]]]), -1)      # top-1: token 0
+    near = torch.tensor([[[[1.0, 2.0, 0.0, -1.0]]]])                               # token 0 ranked 2nd
+    far = torch.tensor([[[[-5.0, 2.0, 1.0, 0.0]]]])                                # token 0 ranked 4th
+    valid = torch.ones(1, 1, 1, dtype=torch.bool)
+    for logits, winnable in ((near, True), (far, False)):
+        kl, _ = distill.distill_loss(logits, teacher, valid, [1.0])
+        tree, _ = distill.distill_loss(logits, teacher, valid, [1.0], objective="tree", width=2)
+        ce = -torch.log_softmax(logits, -1)[0, 0, 0, 0]
+        assert torch.allclose(tree, kl + ce if winnable else kl)
 
 
 def args_for_eval():
