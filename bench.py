@@ -307,6 +307,7 @@ def main(argv=None):
                                 args.top_p, args.seed, args.truncate, args.modes, compiled_plans)
         except ValueError as e:  # a prompt too long for the model's context
             fail(str(e))
+        results["checkpoints"] = {m: path for m, (path, _) in found.items()}
         print("\n" + report(results))
     save_atomic(args.out, results)
     print(f"\nsaved {args.out}")
