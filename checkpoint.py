@@ -27,11 +27,15 @@ from drafter import Drafter
 from medusa import Medusa
 from model import Transformer
 from transfer import HiddenTransfer
+from transfer_layers import TransferLayers
+from transfer_lora import TransferLoRA
+from transfer_mlp import TransferMLP
 from plan import Plan
 from tree import chain
 
-# The drafter kinds: --drafter flags, reports and checkpoints' "kind" all use these names.
-DRAFTERS = {HiddenTransfer.kind: HiddenTransfer, Medusa.kind: Medusa}
+# The drafter kinds: --drafter flags, reports and checkpoints' "kind" all use these names. The last
+# three are Hidden Transfer with more capacity on the pseudo path (docs/EXTENDING.md).
+DRAFTERS = {cls.kind: cls for cls in (HiddenTransfer, Medusa, TransferMLP, TransferLoRA, TransferLayers)}
 OLD_KINDS = {"HiddenTransfer": "transfer", "Medusa": "medusa"}  # read in checkpoints saved before the names
 
 
@@ -315,5 +319,7 @@ def drafter_spec(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-DRAFTER_HELP = ("transfer: Hidden Transfer; medusa: the Medusa-1 baseline; or your own drafter.Drafter subclass, "
+DRAFTER_HELP = ("transfer: Hidden Transfer; medusa: the Medusa-1 baseline; transfer-mlp, transfer-lora, transfer-layers: "
+                "Hidden Transfer with more capacity (--drafter-option); or your own drafter.Drafter subclass, "
                 "FILE.py:Class or module:Class (docs/EXTENDING.md)")
+

@@ -8,6 +8,7 @@ their flags through it. METHOD.md never needs it. The error contract it keeps is
 
 import argparse
 import contextlib
+import inspect
 import math
 import os
 import platform
@@ -72,6 +73,20 @@ def list_of(item):
     return parse
 
 
+
+def drafter_option(text):
+    """An argparse type: NAME=VALUE -> (NAME, VALUE), VALUE a whole number, a number, or whole
+    numbers split by commas (a list); else a one-line error."""
+    name, eq, value = text.partition("=")
+    if not eq or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE (e.g. rank=16)")
+    for parse in (int, float, lambda v: [int(x) for x in v.split(",")]):
+        try:
+            return name, parse(value)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a number or a comma list of whole numbers")
+
 def add_common_args(parser: argparse.ArgumentParser):
     """The flags every script spells the same way."""
     parser.add_argument("--model", default=None,
@@ -105,6 +120,30 @@ def check_common_args(args):
     if args.threads:
         torch.set_num_threads(args.threads)
 
+
+
+def drafter_options(cls, pairs) -> dict:
+    """--drafter-option's (NAME, VALUE) pairs as keyword arguments of the drafter class's for_model
+    (those after model, k, layer); a name it does not take is a ValueError, one line."""
+    params = inspect.signature(cls.for_model).parameters
+    takes = [p for p in list(params)[3:] if params[p].kind in (params[p].POSITIONAL_OR_KEYWORD, params[p].KEYWORD_ONLY)]
+    options = dict(pairs or [])
+    for name in options:
+        if name not in takes:
+            raise ValueError(f"--drafter-option {name}: the {cls.kind} drafter takes "
+                             + (f"only {', '.join(takes)}" if takes else "no options"))
+    return options
+
+
+def check_vocab_flags(args, model):
+    """train.py's flags bounded by the model, known only once it is loaded: refused before any long work."""
+    V, ctx = model.args.vocab_size, model.args.max_seq_len
+    for flag, value in (("--teacher-topk", args.teacher_topk), ("--top-r", args.top_r)):
+        if value > V:
+            raise ValueError(f"{flag} {value} is more than the model's vocabulary of {V} tokens")
+    if args.reply_tokens >= ctx:
+        raise ValueError(f"--reply-tokens {args.reply_tokens} leaves no room for a prompt in the model's "
+                         f"context of {ctx} tokens; lower it")
 
 def check_writable(path: str, flag: str, suffix: str | None = None):
     """An output path checked before any long work, so that a run's results are never lost at the

@@ -25,8 +25,9 @@ from tqdm import tqdm
 
 from checkpoint import (DRAFTER_HELP, DRAFTERS, SOURCES, build_drafter, default_checkpoint, drafter_spec,
                         model_identity, open_checkpoint, save_atomic, save_checkpoint, verify_checksum)
-from cli import (HelpFormatter, add_common_args, check_common_args, check_writable, describe_machine,
-                 float_range, int_range, list_of, load, run_main, uninterrupted)
+from cli import (HelpFormatter, add_common_args, check_common_args, check_vocab_flags, check_writable,
+                 describe_machine, drafter_option, drafter_options, float_range, int_range, list_of, load, run_main,
+                 uninterrupted)
 from compiled import compiler_works
 from data import batches
 from distill import choose_positions, distill_loss, teacher_logprobs
@@ -92,12 +93,13 @@ def train_step(model, drafter, opt, ids, assistant, args, step, frozen=None, tra
 
 RUN_KEYS = ("drafter", "data", "replies", "second_turns", "reply_tokens", "sampled", "seq_len", "batch_size",
             "positions_per_seq", "lr", "warmup", "seed", "offset_weights", "teacher_topk", "objective",
-            "budget_minutes", "conversations", "holdout")
+            "budget_minutes", "conversations", "holdout", "drafter_option")
 
 
 def make_drafter(args, model):
     """A fresh drafter of kind --drafter; fp32 master weights whatever the model's dtype."""
-    drafter = DRAFTERS[args.drafter].for_model(model, args.k, args.transfer_layer)
+    cls = DRAFTERS[args.drafter]
+    drafter = cls.for_model(model, args.k, args.transfer_layer, **drafter_options(cls, args.drafter_option))
     return drafter.to(model.output.weight.device)
 
 
@@ -246,6 +248,9 @@ def parse_args(argv=None):
     add_common_args(p)  # --model --device --dtype --seed --threads (and decoding flags, unused here)
     kernels.add_arg(p)
     p.add_argument("--drafter", default="transfer", type=drafter_spec, help=DRAFTER_HELP)
+    p.add_argument("--drafter-option", action="append", type=drafter_option, metavar="NAME=VALUE",
+                   help="a knob of the drafter kind, repeatable: transfer-mlp hidden=N (MLP width, default dim), "
+                        "transfer-lora rank=R (default 8), transfer-layers layers=T1,..,Tk (default t, t-2, ...)")
     # the data (docs/EXPERIMENTS.md: what each lever bought on a 2-core CPU)
     p.add_argument("--data", default="replies", choices=["replies", "sharegpt"],
                    help="replies: the base model's own replies to ShareGPT's first user turns; sharegpt: "
@@ -320,20 +325,13 @@ def parse_args(argv=None):
     args.offset_weights = args.offset_weights or [0.5 ** i for i in range(args.k)]  # 1, 0.5, 0.25, ...
     if len(args.offset_weights) != args.k:
         p.error(f"--offset-weights needs {args.k} numbers (one per offset), got {len(args.offset_weights)}")
+    try:  # a name the kind does not take; its values are the drafter's to check (main: make_drafter)
+        drafter_options(DRAFTERS[args.drafter], args.drafter_option)
+    except ValueError as e:
+        p.error(str(e))
     if args.seq_len < args.k + 2:  # every window needs a position with k targets after it
         p.error(f"--seq-len {args.seq_len} must be more than --k + 1 = {args.k + 1}")
     return args
-
-
-def check_vocab_flags(args, model):
-    """Flags bounded by the model, known only once it is loaded: refused before any long work."""
-    V, ctx = model.args.vocab_size, model.args.max_seq_len
-    for flag, value in (("--teacher-topk", args.teacher_topk), ("--top-r", args.top_r)):
-        if value > V:
-            raise ValueError(f"{flag} {value} is more than the model's vocabulary of {V} tokens")
-    if args.reply_tokens >= ctx:
-        raise ValueError(f"--reply-tokens {args.reply_tokens} leaves no room for a prompt in the model's "
-                         f"context of {ctx} tokens; lower it")
 
 
 def main(argv=None):
@@ -350,6 +348,7 @@ def main(argv=None):
     kernels.use(args.matmul, model)  # the measured CPU product forms (tools/kernels.py)
     try:
         check_vocab_flags(args, model)
+        make_drafter(args, model)  # a bad --transfer-layer or --drafter-option value: refused now
         if args.resume:
             resumable(args, model)  # a bad checkpoint is refused now, not after the replies
         train_windows, held, info = load_windows(args, model, tok)

@@ -244,10 +244,10 @@ def test_an_interrupted_sweep_stops_after_saving(tmp_path, monkeypatch):
                              "--cache-dir", str(tmp_path)])
     real = train.train_step
 
-    def step(model, drafter, opt, ids, assistant, args, n, frozen=None):  # step 0 trains, step 1 is interrupted
+    def step(model, drafter, opt, ids, assistant, args, n, frozen=None, train_s=0.0):  # step 0 trains, step 1 is interrupted
         if n == 1:
             raise KeyboardInterrupt
-        return real(model, drafter, opt, ids, assistant, args, n, frozen)
+        return real(model, drafter, opt, ids, assistant, args, n, frozen, train_s)
     monkeypatch.setattr(train, "train_step", step)
     with pytest.raises(KeyboardInterrupt):
         analysis.sweep_layers(tiny(), [1, 3], 5, args, windows, windows[:1])

@@ -13,6 +13,7 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 
+from checkpoint import DRAFTERS
 from compiled import CompiledDrafter, CompiledModel, StaticCache, no_recompiles, static_length
 from conftest import perturb, random_transfer, tiny
 from decode import generate_tree
@@ -30,6 +31,14 @@ PROMPTS = ([4, 8, 15, 16, 23, 42], [1, 2, 3], [7] * 11 + [3, 9])
 
 def random_medusa(model):
     return perturb(Medusa(model.args.dim, 3), seed=1).to(model.output.weight.device)
+
+
+def random_kind(kind):  # the drafters with more capacity (tests/test_capacity.py)
+    return lambda m: perturb(DRAFTERS[kind].for_model(m, 3, 2), 0.2, seed=1).to(m.output.weight.device)
+
+
+MAKERS = {"transfer": lambda m: random_transfer(m, 1), "medusa": random_medusa,
+          **{kind: random_kind(kind) for kind in ("transfer-mlp", "transfer-lora", "transfer-layers")}}
 
 
 def test_whole_cache_masks_are_the_eager_masks_spread_over_the_cache():
@@ -53,7 +62,7 @@ def prefilled(model, Cache, n, device):
     return cache
 
 
-@pytest.mark.parametrize("make", [lambda m: random_transfer(m, 1), random_medusa], ids=["transfer", "medusa"])
+@pytest.mark.parametrize("make", MAKERS.values(), ids=MAKERS.keys())
 def test_tree_pass_with_a_static_cache_equals_the_eager_one(make, device):
     """The compiled step's form, run eagerly: a StaticCache and n as a tensor read the whole (partly
     stale) cache."""
@@ -70,7 +79,7 @@ def test_tree_pass_with_a_static_cache_equals_the_eager_one(make, device):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("make", [lambda m: random_transfer(m, 1), random_medusa], ids=["transfer", "medusa"])
+@pytest.mark.parametrize("make", MAKERS.values(), ids=MAKERS.keys())
 def test_the_padded_step_of_every_cut_equals_the_unpadded_cut(make):
     """Every cut of a plan runs as the plan's whole tree with pad tokens: the cut's rows of the
     result are the unpadded cut pass's, whatever the pad nodes hold."""

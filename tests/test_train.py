@@ -13,7 +13,7 @@ import distill
 import evaluate
 import frozen
 import train
-from checkpoint import build_drafter, load_drafter, model_identity, open_checkpoint
+from checkpoint import DRAFTERS, build_drafter, load_drafter, model_identity, open_checkpoint
 from conftest import fake_windows, perturb, tiny
 from decode import generate_tree
 from generate import Sampler, generate
@@ -36,8 +36,8 @@ def args_for(tmp_path, *flags):
                              "--cache-dir", str(tmp_path / "cache"), *flags])
 
 
-def random_drafter(kind, model, seed=0):
-    d = HiddenTransfer(model.args.dim, 3, 2) if kind == "transfer" else Medusa(model.args.dim, 3)
+def random_drafter(kind, model, seed=0, **options):
+    d = DRAFTERS[kind].for_model(model, 3, None if "layers" in options else 2, **options)  # k = 3, t = 2
     return perturb(d, 0.2, seed)  # away from the identity / zero start, so every path matters
 
 
@@ -65,11 +65,13 @@ def test_teacher_rows_are_the_base_model_distributions():
             assert torch.allclose(teacher[0, a, i - 1], full[0, min(p + i, T - 1)], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["transfer", "medusa"])
-def test_training_pseudo_logits_equal_decoding(kind):
+@pytest.mark.parametrize("kind, options", [("transfer", {}), ("medusa", {}), ("transfer-mlp", {}),
+                                           ("transfer-lora", {}), ("transfer-layers", {}),
+                                           ("transfer-layers", {"layers": [3, 1, 2]})])
+def test_training_pseudo_logits_equal_decoding(kind, options):
     """Train path pseudo (p,i) == drafter.tree_pass over the prefix x_0..x_p with pseudo tokens for
     its last token, as decode.py's prefill does: training and decoding see the same tokens."""
-    model, drafter = tiny(), random_drafter(kind, tiny())
+    model, drafter = tiny(), random_drafter(kind, tiny(), **options)
     (ids, _), (ids2, _) = fake_windows(2)
     ids = torch.stack([ids, ids2])                                             # (2, T)
     positions = torch.tensor([[0, 5, 11, 20], [2, 3, 17, 23]])
