@@ -52,15 +52,14 @@ class Adapter(nn.Module):
 
 class PseudoRowsAdapted(nn.Module):
     """Stands in for one frozen linear layer of the model in the drafter's twin: base(x) on every
-    row, then the adapter's B A x added to rows owner.real_rows.. (the pseudo tokens) only."""
+    row, then the adapter's B A x added to rows rows["real"].. (the pseudo tokens) only."""
 
-    def __init__(self, base: nn.Linear, adapter: Adapter, owner: "TransferLoRA"):
+    def __init__(self, base: nn.Linear, adapter: Adapter, rows: dict):
         super().__init__()
-        self.base, self.adapter = base, adapter
-        self.__dict__["owner"] = owner  # a plain reference: the drafter is not a part of this module
+        self.base, self.adapter, self.rows = base, adapter, rows  # rows: the drafter's, set by each pass
 
     def forward(self, x):                                    # x: (B, T, in)
-        y, n = self.base(x), self.owner.real_rows
+        y, n = self.base(x), self.rows["real"]
         dtype = self.adapter.B.weight.dtype                  # the drafter's (fp32 beside a bf16 model)
         delta = self.adapter(x[:, n:].to(dtype)).to(y.dtype)  # (B, T - n, out)
         return torch.cat([y[:, :n], y[:, n:] + delta], dim=1)
@@ -91,7 +90,9 @@ class TransferLoRA(HiddenTransfer):
         # adapters[j]: those of model.layers[layer + j], i.e. of layer t+1+j in METHOD.md's numbering
         self.adapters = nn.ModuleList(nn.ModuleDict({name: Adapter(*shapes[name], rank) for name in shapes})
                                       for _ in range(layer, n_layers))
-        self.real_rows = 0     # rows 0..real_rows-1 of the running pass are real: set by each pass
+        # rows 0..real-1 of the running pass are real, set by each pass: a dict, so that a shallow copy
+        # of the drafter (tools/distributed.wrap) and the twin it built share it
+        self.rows = {"real": 0}
         self._twin = None, None  # (model, its twin): built for the last model passed
 
     @classmethod
@@ -123,7 +124,7 @@ class TransferLoRA(HiddenTransfer):
             blocks = list(model.layers[:self.layer])
             for block, adapters in zip(model.layers[self.layer:], self.adapters):
                 parts = {part: twin(getattr(block, part), **{name: PseudoRowsAdapted(
-                    getattr(getattr(block, part), name), adapters[name], self) for name in names})
+                    getattr(getattr(block, part), name), adapters[name], self.rows) for name in names})
                     for part, names in LINEARS.items()}
                 blocks.append(twin(block, **parts))
             self._twin = model, twin(model, layers=nn.ModuleList(blocks))
@@ -131,11 +132,11 @@ class TransferLoRA(HiddenTransfer):
 
     def tree_pass(self, model, tokens, pos, tree_mask, n, cache, nodes=None, depth=None):
         """HiddenTransfer.tree_pass through the twin: its first N rows (the nodes) are real."""
-        self.real_rows = tokens.shape[1]
+        self.rows["real"] = tokens.shape[1]
         return super().tree_pass(self.adapted(model), tokens, pos, tree_mask, n, cache, nodes, depth)
 
     def train_pass(self, model, ids, positions, frozen: dict | None = None):
         """HiddenTransfer.train_pass through the twin, every row pseudo; the frozen pass is the model's own."""
         frozen = frozen or self.frozen_pass(model, ids)
-        self.real_rows = 0
+        self.rows["real"] = 0
         return super().train_pass(self.adapted(model), ids, positions, frozen)
