@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from generate import sync
 from model import KVCache, causal_mask
 
 
@@ -128,8 +129,7 @@ def pass_costs(model, context: int, sizes=BATCH_SIZES, reps: int = 3) -> dict:
         for _ in range(reps + 1):
             t0 = time.perf_counter()
             model(tokens, cache.at[:, None], mask, cache.at.max()[None], cache)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            sync(dev)
             times.append(time.perf_counter() - t0)
         costs[B] = sorted(times[1:])[len(times[1:]) // 2]
     return costs
