@@ -114,6 +114,7 @@ def test_a_compiled_drafter_refuses_a_tree_that_is_not_a_cut_of_its_plan():
 def test_compiled_greedy_and_sampling_equal_eager_plain_without_recompiling():
     """One graph for plain decoding and one per drafter and plan, compiled by warm_up; then prompts of
     several lengths, every cut of a plan and every accepted-path length, with no recompilation."""
+    torch._dynamo.reset()  # graphs an earlier test compiled for the same code would be reused, not counted
     model = tiny(1, n_layers=3)
     chain_plan = Plan(chain(3), (0,), 3)  # walks of every length; the longest leaves no drafts (root only)
     length = static_length(max(map(len, PROMPTS)) + 25 + PLAN.tree.size, model, quantum=64)
