@@ -1,6 +1,7 @@
 """The benchmark: Hidden Transfer against plain decoding and Medusa on MT-Bench, same model, same
-machine, same run (METHOD.md, "Metrics" and "Baselines"). Methods take turns prompt by prompt, so
-drift of a shared machine hits all alike; every output is checked against plain decoding's.
+machine, same run (METHOD.md, "Metrics" and "Baselines"), with transformers' prompt lookup and plain
+generate() as peers when it is installed (tools/prompt_lookup.py). Methods take turns prompt by
+prompt, so drift of a shared machine hits all alike; every output is checked against plain decoding's.
 `--latency` instead measures what one verification pass costs against a one-token step, per tree
 size (tools/latency.py). Last in the reading order: it times decode.py with train.py's checkpoints;
 `python tools/results.py` turns its JSON into docs/RESULTS.md.
@@ -8,6 +9,7 @@ size (tools/latency.py). Last in the reading order: it times decode.py with trai
     python bench.py                     # needs checkpoints/transfer.pt and checkpoints/medusa.pt
     python bench.py --methods plain,transfer --untrained --prompts 2 --max-new-tokens 32   # smoke run
     python bench.py --drafter-checkpoint runs/t.pt --drafter-checkpoint runs/m.pt   # other checkpoints
+    python bench.py --methods plain,transformers,prompt-lookup --modes eager   # transformers' peers only
     python bench.py --latency
 """
 
@@ -31,15 +33,15 @@ from data import pick_mtbench, read_mtbench
 from decode import generate_tree
 from generate import Generation, Sampler, generate
 from plan import Plan
-from report import first_difference, method_metrics, reference_of, report, summarize  # noqa: F401 (tests)
-from tools import kernels, roofline, ties
+from report import first_difference, method_metrics, reference_in, report, summarize  # noqa: F401 (tests)
+from tools import kernels, prompt_lookup, roofline, ties
 from tools.latency import latency_curve, latency_report
 from tree import SHAPES, Tree
 
 # ----------------------------------------------------------------------------- defaults, in one place
 PROMPTS = 8              # one MT-Bench question per category (pick_mtbench goes round-robin)
 MAX_NEW_TOKENS = 128     # with PROMPTS, a default run fits in about 15 minutes on a 2-core CPU
-METHODS = "plain,transfer,medusa"  # plain decoding, then drafter kinds (checkpoint.DRAFTERS)
+METHODS = "plain,transfer,medusa,transformers,prompt-lookup"  # plain, drafter kinds, the peers (transformers')
 MODES = "eager,compiled"  # every method as the reading path runs it, and compiled (compiled.py)
 WARMUP_TOKENS = 8        # per method, untimed: first calls pay for allocation and kernel choice
 
@@ -60,6 +62,8 @@ def environment(device) -> dict:
 # ----------------------------------------------------------------------------- the run
 
 def _one(model, method, prompt, max_new, temperature, top_p, seed, stop_ids, cache=None) -> Generation:
+    if isinstance(method, prompt_lookup.Peer):  # transformers' generate(): its own sampler
+        return method.generate(prompt, max_new, temperature, top_p, seed, stop_ids)
     sampler = Sampler(temperature, top_p, seed)  # a fresh, equally seeded sampler for every method
     if method is None:
         return generate(model, prompt, max_new, sampler, stop_ids, cache=cache)
@@ -73,7 +77,7 @@ def compiled_methods(model, methods: dict, plans: dict, length: int, backend: st
     cm = CompiledModel(model, length, backend)
     entries, seconds = {"plain:compiled": (cm, None, cm.cache)}, {"plain:compiled": cm.warm_up()}
     for name, v in methods.items():
-        if v is not None:
+        if isinstance(v, tuple):  # a drafter (plain decoding and the peers: None, a Peer)
             plan = plans.get(name, v[1])
             cd = CompiledDrafter(v[0], cm, plan)
             seconds[f"{name}:compiled"] = cd.warm_up()
@@ -86,7 +90,8 @@ def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, tem
               compiled_plans: dict | None = None, backend: str = "inductor") -> dict:
     """Run every method in every mode on every prompt, interleaved, and return the results (report.py).
 
-    methods: {name: (drafter, plan.Plan or Tree), or None for plain decoding}; "plain" must be among them.
+    methods: {name: (drafter, plan.Plan or Tree), None for plain decoding, or a tools.prompt_lookup.Peer
+    (eager only)}; "plain" must be among them.
     modes: "eager", and "compiled": every method also with its steps compiled (compiled.py), compiled
     before anything is timed, and nothing recompiled while timing (a recompilation raises);
     compiled_plans: {name: the plan it runs compiled} (default: the same plan as eager).
@@ -98,9 +103,9 @@ def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, tem
     """
     if methods.get("plain", 0) is not None:
         raise ValueError("methods must include 'plain': None, the reference for speed and losslessness")
-    methods = {"plain": None, **{m: v if v is None or isinstance(v[1], Plan) else (v[0], Plan.full(v[1], v[0].k))
-                                 for m, v in methods.items()}}  # plain first: the others are compared with it
-    extra = max((v[1].tree.size for v in methods.values() if v is not None), default=0)  # the largest tree
+    methods = {"plain": None, **{m: (v[0], Plan.full(v[1], v[0].k)) if isinstance(v, tuple) and not isinstance(
+        v[1], Plan) else v for m, v in methods.items()}}  # plain first: the others are compared with it
+    extra = max((v[1].tree.size for v in methods.values() if isinstance(v, tuple)), default=0)  # the largest tree
     fit = lambda messages: fit_context(model, tok.encode_chat(messages)[0], max_new_tokens, extra, truncate)
     firsts = [fit([{"role": "user", "content": turns[0]}]) for _, turns in prompts]
     entries = {name: (model, v, None) for name, v in methods.items()}  # name: (model, method, cache)
@@ -117,9 +122,10 @@ def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, tem
                "settings": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                             "seed": seed, "prompts": len(prompts), "turns": max(len(t) for _, t in prompts),
                             "modes": list(modes)},
-               "trees": {m: None if v is None else {"size": v[1].tree.size, "depth": v[1].tree.depth,
-                                                    "plan": v[1].text(), **v[1].fields()}
+               "trees": {m: None if not isinstance(v, tuple) else {"size": v[1].tree.size, "depth": v[1].tree.depth,
+                                                                 "plan": v[1].text(), **v[1].fields()}
                          for m, (_, v, _) in entries.items()},
+               "peers": {m: v.info(temperature) for m, v in methods.items() if isinstance(v, prompt_lookup.Peer)},
                "compile_s": compile_s, "runs": [], "interrupted": False}
     for m, v, cache in entries.values():  # warm-up, untimed: first calls pay for allocation
         _one(m, v, firsts[0], WARMUP_TOKENS, temperature, top_p, seed, tok.stop_ids, cache)
@@ -140,7 +146,7 @@ def run_bench(model, tok, methods: dict, prompts: list, max_new_tokens: int, tem
                         run["methods"][name] = asdict(_one(m, v, ids, max_new_tokens, temperature, top_p, seed,
                                                            tok.stop_ids, cache))
                         bar.update()
-                        ref = reference_of(name)
+                        ref = reference_in(results, name)
                         at = None if ref is None else first_difference(run["methods"][name]["tokens"],
                                                                        run["methods"][ref]["tokens"])
                         if at is not None:  # a near-tie of plain decoding's top two logits, or not
@@ -182,6 +188,11 @@ def latency(model, drafters: dict, args) -> dict:
 
 # ----------------------------------------------------------------------------- command line
 
+def drafting(args) -> list:
+    """The drafting methods of --methods: neither plain decoding nor a peer (tools/prompt_lookup.py)."""
+    return [m for m in args.methods if m != "plain" and m not in prompt_lookup.PEERS]
+
+
 def find_checkpoints(args) -> dict:
     """{method: (path, checkpoint dict)} for the drafting methods, checked as files before the slow
     model load: each --drafter-checkpoint serves the method its stored kind names; the others read
@@ -193,7 +204,7 @@ def find_checkpoints(args) -> dict:
             fail(f"{path} holds a {ckpt['kind']} drafter: --methods {','.join(args.methods)} needs one "
                  f"checkpoint per drafting method")
         found[ckpt["kind"]] = (path, ckpt)
-    for kind in [m for m in args.methods if m != "plain" and m not in found]:
+    for kind in [m for m in drafting(args) if m not in found]:
         path = default_checkpoint(kind, args.model)
         if os.path.exists(path):
             found[kind] = (path, open_checkpoint(path, kind))
@@ -211,7 +222,7 @@ def load_drafters(model, args, found: dict) -> dict:
     """{method: (drafter, plan, measured accept rates or None, the plan for compiled decoding)} for
     the drafting methods (train.py chooses a plan for each mode, from passes timed in that mode)."""
     out = {}
-    for name in [m for m in args.methods if m != "plain"]:
+    for name in drafting(args):
         path, ckpt = found.get(name, (None, {}))
         drafter, plan, _ = load_drafter(model, path, name, untrained=args.untrained)
         kernels.apply(drafter)
@@ -233,11 +244,14 @@ def parse_args(argv=None):
                                 formatter_class=HelpFormatter)
     add_common_args(p)  # its --prompt is not used: the prompts are MT-Bench's
     kernels.add_arg(p)
+    prompt_lookup.add_arg(p)
     p.set_defaults(max_new_tokens=MAX_NEW_TOKENS)
-    p.add_argument("--methods", default=None, type=list_of(lambda m: m if m == "plain" else drafter_spec(m)),
-                   help=f"comma list of plain and drafters: {', '.join(DRAFTERS)}, or your own as FILE.py:Class "
-                        f"or module:Class; plain is required (default: {METHODS}, skipping medusa with a note if "
-                        "its checkpoint is missing)")
+    p.add_argument("--methods", default=None, type=list_of(lambda m: m if m == "plain" or m in prompt_lookup.PEERS
+                                                            else drafter_spec(m)),
+                   help=f"comma list of plain, drafters: {', '.join(DRAFTERS)}, or your own as FILE.py:Class "
+                        "or module:Class, and transformers' peers: transformers (plain generate()), prompt-lookup; "
+                        f"plain is required (default: {METHODS}, skipping medusa with a note if its checkpoint is "
+                        "missing and the peers if transformers is)")
     p.add_argument("--prompts", type=int_range(1), default=PROMPTS,
                    help="MT-Bench questions, taken round-robin over the categories")
     p.add_argument("--full", action="store_true", help="all 80 MT-Bench questions (overrides --prompts)")
@@ -269,7 +283,7 @@ def parse_args(argv=None):
         p.error(f"--methods {','.join(args.methods)}: list each method at most once")
     if "plain" not in args.methods and not args.latency:
         p.error("--methods must include plain: it is the reference for speedup and losslessness")
-    if args.latency and args.methods == ["plain"]:
+    if args.latency and not drafting(args):
         p.error(f"--latency times drafters: put one of {', '.join(DRAFTERS)} in --methods")
     return args
 
@@ -278,6 +292,12 @@ def main(argv=None):
     args = parse_args(argv)
     check_common_args(args)
     check_writable(args.out, "--out", ".json")  # now, not after the whole benchmark has run
+    asked = [m for m in args.methods if m in prompt_lookup.PEERS and not args.latency]
+    if asked and (why := prompt_lookup.missing()):  # a test-time dependency (requirements-test.txt)
+        if args.methods_given:
+            fail(f"--methods {','.join(asked)}: {why}; or leave them out of --methods")
+        print(f"note: {why}, so no transformers peers ({', '.join(asked)}) this time", file=sys.stderr)
+        args.methods = [m for m in args.methods if m not in prompt_lookup.PEERS]
     try:
         found = {} if args.untrained else find_checkpoints(args)
         if not args.latency:
@@ -286,6 +306,7 @@ def main(argv=None):
         model, tok = load(args)
         kernels.use(args.matmul, model)  # the measured CPU product forms (tools/kernels.py)
         drafters = load_drafters(model, args, found)
+        peers = {} if args.latency else prompt_lookup.build(model, args.methods, args.prompt_lookup_tokens)
     except (OSError, ValueError) as e:  # a bad checkpoint (checkpoint.CheckpointError) or MT-Bench file
         fail(str(e))
     if args.untrained:
@@ -296,8 +317,8 @@ def main(argv=None):
         results = latency(model, drafters, args)
     else:
         prompts = [(q["category"], q["turns"][:2 if args.both_turns else 1]) for q in picked]
-        methods = {m: None if m == "plain" else drafters[m][:2] for m in args.methods}
-        compiled_plans = {m: drafters[m][3] for m in args.methods if m != "plain"}
+        methods = {m: None if m == "plain" else peers[m] if m in peers else drafters[m][:2] for m in args.methods}
+        compiled_plans = {m: drafters[m][3] for m in drafting(args)}
         if "compiled" in args.modes and not compiler_works(args.device):
             print("note: torch.compile needs a C++ compiler on a CPU (none found: set CXX or install g++): "
                   "timing eager decoding only", file=sys.stderr)
@@ -311,7 +332,7 @@ def main(argv=None):
         print("\n" + report(results))
     save_atomic(args.out, results)
     print(f"\nsaved {args.out}")
-    real = ties.divergences(results.get("mismatches", []))
+    real = [x for x in ties.divergences(results.get("mismatches", [])) if x["method"] not in prompt_lookup.PEERS]
     if real and DTYPES[args.dtype] == torch.float32:  # near-ties are rounding, reported above
         sys.exit(f"error: {len(real)} outputs diverge from plain decoding in float32 beyond a near-tie: "
                  "decoding is not lossless")

@@ -84,8 +84,8 @@ class Generation:
         return len(self.accepted)
 
     @property
-    def tau(self) -> float:    # mean accepted length: tokens per pass, bonus token included
-        return (len(self.tokens) - 1) / max(self.passes, 1)
+    def tau(self) -> float:    # mean accepted length: tokens per pass after the prompt's, bonus token included
+        return (sum(self.accepted) + self.passes) / max(self.passes, 1)  # ours: (tokens - 1) / passes
 
     @property
     def tokens_per_s(self) -> float:  # end to end, prompt included

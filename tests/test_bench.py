@@ -223,9 +223,9 @@ def test_main_end_to_end(injected, tmp_path, capsys):
     bench.main(["--untrained", "--prompts", "3", "--both-turns", "--max-new-tokens", "6", "--modes", "eager",
                 "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert list(saved["summary"]) == ["plain", "transfer", "medusa"] and len(saved["runs"]) == 6
-    assert list(saved["categories"]) == ["writing", "roleplay", "reasoning"]
-    assert "| medusa |" in capsys.readouterr().out
+    assert list(saved["summary"]) == ["plain", "transfer", "medusa", "transformers", "prompt-lookup"]  # the peers:
+    assert list(saved["categories"]) == ["writing", "roleplay", "reasoning"] and len(saved["runs"]) == 6  # installed
+    assert "| medusa |" in (out := capsys.readouterr().out) and "peer prompt-lookup (transformers" in out
 
 
 def test_main_latency(injected, tmp_path, capsys):
