@@ -23,8 +23,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from checkpoint import (DRAFTER_HELP, DRAFTERS, SOURCES, build_drafter, default_checkpoint, drafter_spec,
-                        model_identity, open_checkpoint, save_atomic, save_checkpoint, verify_checksum)
+from checkpoint import (DRAFTER_HELP, DRAFTERS, SOURCES, default_checkpoint, drafter_spec, model_identity,
+                        save_atomic, save_checkpoint)
 from cli import (HelpFormatter, add_common_args, check_common_args, check_vocab_flags, check_writable,
                  describe_machine, drafter_option, drafter_options, float_range, int_range, list_of, load, run_main,
                  uninterrupted)
@@ -36,6 +36,7 @@ from frozen import FrozenPasses, frozen_copy, frozen_key
 from plan import Plan
 import tiny
 from replies import load_windows
+from resume import restore, resumable
 from tools import distributed, kernels
 from tools.plan_search import expected_tokens, select_compiled_plan, select_plan
 from tree import chain
@@ -91,61 +92,11 @@ def train_step(model, drafter, opt, ids, assistant, args, step, frozen=None, tra
 
 # ----------------------------------------------------------------------------- the loop
 
-RUN_KEYS = ("drafter", "data", "replies", "second_turns", "reply_tokens", "sampled", "seq_len", "batch_size",
-            "positions_per_seq", "lr", "warmup", "seed", "offset_weights", "teacher_topk", "objective",
-            "budget_minutes", "conversations", "holdout", "drafter_option")
-
-
 def make_drafter(args, model):
     """A fresh drafter of kind --drafter; fp32 master weights whatever the model's dtype."""
     cls = DRAFTERS[args.drafter]
     drafter = cls.for_model(model, args.k, args.transfer_layer, **drafter_options(cls, args.drafter_option))
     return drafter.to(model.output.weight.device)
-
-
-def resumable(args, model) -> dict:
-    """The checkpoint --resume continues, checked before any long work: it exists, loads, fits the
-    model and was trained with these flags. A bad one is a ValueError (one line)."""
-    path = args.drafter_checkpoint
-    if not os.path.exists(path):
-        raise ValueError(f"--resume: no checkpoint at {path} to continue; drop --resume or fix "
-                         "--drafter-checkpoint")
-    ckpt = open_checkpoint(path, args.drafter)
-    drafter = build_drafter(ckpt, path, model)  # refuses another model, config or shape
-    verify_checksum(ckpt, path)
-    missing = [f for f in ("step", "optimizer", "history", "train_args") if f not in ckpt]
-    if missing:
-        raise ValueError(f"--resume: {path} has no {', '.join(missing)}: it is not a checkpoint of an "
-                         "unfinished train.py run")
-    train_args = ckpt["train_args"] if isinstance(ckpt["train_args"], dict) else {}
-    changed = [k for k in RUN_KEYS if train_args.get(k) != getattr(args, k)]
-    changed += ["drafter config"] if ckpt["config"] != make_drafter(args, model).config() else []
-    if changed:
-        raise ValueError(f"--resume: {path} was trained with other {', '.join(changed)}; "
-                         "use the same flags, or a new --drafter-checkpoint")
-    del drafter
-    return ckpt
-
-
-def restore(args, model, drafter, opt):
-    """Continue exactly where --drafter-checkpoint stopped: drafter, AdamW state and step (the data
-    stream, the positions and the learning rate are functions of the seed and step), the loss and
-    evaluation history and the training time. Returns (step, history, evals, train_s)."""
-    path = args.drafter_checkpoint
-    try:
-        ckpt = resumable(args, model)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    try:
-        drafter.load_state_dict(ckpt["state_dict"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, history = int(ckpt["step"]), [float(x) for x in ckpt["history"]]
-        evals, train_s = list(ckpt.get("evals", [])), float(ckpt.get("train_s", 0.0))
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.exit(f"error: --resume: {path} holds a damaged training state ({why})")
-    print(f"resuming {path} at step {step} of {args.steps}")
-    return step, history, evals, train_s
 
 
 def run(args, model, train_windows, held: dict, frozen_model=None, world=(0, 1), minutes=None) -> dict:
@@ -350,7 +301,7 @@ def main(argv=None):
         check_vocab_flags(args, model)
         make_drafter(args, model)  # a bad --transfer-layer or --drafter-option value: refused now
         if args.resume:
-            resumable(args, model)  # a bad checkpoint is refused now, not after the replies
+            resumable(args, model, make_drafter(args, model).config())  # a bad checkpoint is refused now, not after the replies
         train_windows, held, info = load_windows(args, model, tok)
         print(f"{info['note']} ({info['generation_min']:.1f} min)")
         if len(train_windows) < args.batch_size:
