@@ -322,4 +322,3 @@ def drafter_spec(text):
 DRAFTER_HELP = ("transfer: Hidden Transfer; medusa: the Medusa-1 baseline; transfer-mlp, transfer-lora, "
                 "transfer-layers: Hidden Transfer with more capacity (train.py --drafter-option); or your own "
                 "drafter.Drafter subclass, FILE.py:Class or module:Class (docs/EXTENDING.md)")
-

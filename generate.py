@@ -85,7 +85,7 @@ class Generation:
 
     @property
     def tau(self) -> float:    # mean accepted length: tokens per pass after the prompt's, bonus token included
-        return (sum(self.accepted) + self.passes) / max(self.passes, 1)  # ours: (tokens - 1) / passes
+        return (sum(self.accepted) + self.passes) / max(self.passes, 1)  # = (tokens - 1) / passes for ours; peers fill accepted
 
     @property
     def tokens_per_s(self) -> float:  # end to end, prompt included
