@@ -29,7 +29,7 @@ from tools.tree_choice import build_tree, expected_tau
 
 NODES = (2, 8, 32)
 UNSHOWN = {"drafter_checkpoint", "cache_dir", "threads", "device", "offset_weights", "eval_every", "tree_sizes",
-           "compiled_finalists", "conversations"}  # where, how fast, what else: not what is learned
+           "compiled_finalists"}  # where, how fast, what else: not what is learned
 
 
 def command(train_args: dict) -> str:
@@ -66,9 +66,17 @@ def row(path: str, run: dict, bench: dict) -> list:
     pt = os.path.abspath(os.path.splitext(path)[0] + ".pt")
     speed = bench.get(pt, {})
     return [os.path.splitext(os.path.basename(path))[0], f"`{command(run['train_args'])}`",
-            f"{minutes['data']:.1f}" if minutes.get("data", 0) >= 0.05 else "cached", f"{minutes.get('training', 0):.1f}",
+            f"{minutes['data']:.1f}" if minutes.get("data", 0) >= 0.05 else "cached",
+            f"{minutes.get('training', 0):.1f}",
             cell("own", "top1"), cell("own", "top5"), cell("sharegpt", "top1"), cell("sharegpt", "top5"),
-            " / ".join(taus), "; ".join(f"{m} {x:.2f}x (tau {t:.2f}, alpha_1 {a:.2f})" for m, (x, t, a) in sorted(speed.items(), key=lambda i: i[0] != "eager")) or "-"]
+            " / ".join(taus), speed_cell(speed)]
+
+
+def speed_cell(speed: dict) -> str:
+    """'eager 1.21x (tau 1.40, alpha_1 0.40); compiled ...' from {mode: (speedup, tau, alpha_1)}, or '-'."""
+    modes = sorted(speed, key=lambda m: m != "eager")  # eager first
+    cells = [f"{m} {speed[m][0]:.2f}x (tau {speed[m][1]:.2f}, alpha_1 {speed[m][2]:.2f})" for m in modes]
+    return "; ".join(cells) or "-"
 
 
 HEAD = ["run", "train.py flags", "gen. min", "train min", "own top-1", "own top-5", "ShareGPT top-1",
