@@ -15,7 +15,8 @@ def summary(**train_args):
 
 
 def test_a_row_per_run_with_its_flags_rates_and_benchmark(tmp_path, capsys):
-    (tmp_path / "more.json").write_text(json.dumps(summary(replies=1600, conversations=4000, steps=2400, eval_every=0)))
+    (tmp_path / "more.json").write_text(json.dumps(summary(replies=1600, conversations=4000, steps=2400,
+                                                               eval_every=0)))  # eval_every: not shown
     (tmp_path / "base.json").write_text(json.dumps(summary()))
     bench = {"checkpoints": {"transfer": str(tmp_path / "more.pt")},
              "summary": {"transfer": {"speedup": {"median": 1.4}, "tau": 1.5, "alpha": [0.5]},
@@ -25,6 +26,6 @@ def test_a_row_per_run_with_its_flags_rates_and_benchmark(tmp_path, capsys):
     study.main([str(tmp_path / "more.json"), str(tmp_path / "base.json"), "--bench", str(tmp_path / "bench.json")])
     lines = capsys.readouterr().out.splitlines()
     more, base = lines[2], lines[3]
-    assert "`--replies 1600 --conversations 4000 --steps 2400`" in more  # which prompts: shown and "`(defaults)`" in base
+    assert "`--replies 1600 --conversations 4000 --steps 2400`" in more and "`(defaults)`" in base
     assert "eager 1.40x (tau 1.50, alpha_1 0.50); compiled 1.30x" in more and base.endswith("| - |")
     assert f"{expected_tau(build_tree(ACCEPT, 8), ACCEPT):.2f}" in more and "| 3.0 | 5.5 |" in more
